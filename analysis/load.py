@@ -1,0 +1,74 @@
+"""Load runs from ``results/`` into one tidy DataFrame, selected by config fields, never by path."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from studies.lab.store import CONFIG, DONE, RECORDS, read_records
+
+__all__ = ["find_runs", "load_runs"]
+
+
+def find_runs(results: Path, study: str | None = None, preset: str | None = None) -> list[Path]:
+    """Run directories under ``results/<study>/<preset>/runs/`` (any study/preset when None)."""
+    results = Path(results)
+    pattern = f"{study or '*'}/{preset or '*'}/runs/*"
+    return sorted(p for p in results.glob(pattern) if p.is_dir() and not p.name.startswith("."))
+
+
+def _matches(config: dict[str, Any], select: dict[str, Any]) -> bool:
+    for key, wanted in select.items():
+        value = config.get(key)
+        if isinstance(wanted, (list, tuple, set, frozenset)):
+            if value not in wanted:
+                return False
+        elif value != wanted:
+            return False
+    return True
+
+
+def load_runs(
+    results: Path,
+    study: str | None = None,
+    preset: str | None = None,
+    *,
+    config_columns: Iterable[str] = (),
+    **select: Any,
+) -> pd.DataFrame:
+    """All records of the finished runs whose config matches ``select``, as one tidy DataFrame.
+
+    ``select`` compares config fields (``norm="bn"``, ``arch=("mlp", "vgg")``). ``config_columns``
+    adds config fields as columns (e.g. ``lr``) next to the record fields. Runs without ``DONE`` are
+    skipped with a warning; a corrupt record raises ``ValueError`` naming the file and line.
+    """
+    frames = []
+    skipped = []
+    for run_dir in find_runs(results, study, preset):
+        if not (run_dir / DONE).is_file():
+            skipped.append(run_dir.name)
+            continue
+        config = json.loads((run_dir / CONFIG).read_text())
+        if not _matches(config, select):
+            continue
+        rows = read_records(run_dir / RECORDS)
+        frame = pd.DataFrame.from_records(rows)
+        for key in config_columns:
+            value = config.get(key)
+            frame[key] = [value] * len(frame) if isinstance(value, (list, tuple)) else value
+        frames.append(frame)
+    if skipped:
+        warnings.warn(
+            f"skipped {len(skipped)} unfinished run(s) without {DONE}: {', '.join(skipped[:5])}"
+            + (" ..." if len(skipped) > 5 else ""),
+            stacklevel=2,
+        )
+    if not frames:
+        return pd.DataFrame(columns=["run_id", "study", "arch", "norm", "dataset", "seed", "step", "probe",
+                                     "layer", "metric", "value", *config_columns])
+    return pd.concat(frames, ignore_index=True)

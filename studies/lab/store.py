@@ -1,0 +1,296 @@
+"""Run directories, manifests, records, atomic writes and resume.
+
+Layout (DESIGN.md, binding)::
+
+    <results>/<study>/<preset>/runs/<run_id>/config.json    the run's full configuration
+                                             env.json       versions, device, git commit, seed, host, time
+                                             records.jsonl  one tidy row per measurement
+                                             DONE           written last
+    <results>/<study>/<preset>/figures/                     PDF + PNG figures, claims.json
+
+Every file is written atomically (temporary file in the same directory, fsync, ``os.replace``), and
+``DONE`` only after the others, so a run directory is either finished or is redone from scratch: a
+run killed at any point leaves no ``DONE`` and is wiped and rerun by the next sweep; a finished run is
+skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+#: Columns every row of records.jsonl carries, in this order (DESIGN.md).
+RECORD_FIELDS = ("run_id", "study", "arch", "norm", "dataset", "seed", "step", "probe", "layer", "metric", "value")
+#: Run-level fields copied from the config into every row.
+RUN_FIELDS = ("run_id", "study", "arch", "norm", "dataset", "seed")
+
+DONE = "DONE"
+CONFIG = "config.json"
+ENV = "env.json"
+RECORDS = "records.jsonl"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        return obj.item()
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot serialize {type(obj).__name__} to JSON")
+
+
+def to_json(obj: Any, *, indent: int | None = 2) -> str:
+    """JSON with NaN/inf kept as the ``NaN``/``Infinity`` literals Python's json reads back."""
+    return json.dumps(obj, indent=indent, sort_keys=indent is not None, default=_json_default)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, to_json(obj) + "\n")
+
+
+def write_records(path: Path, rows: Iterable[Mapping[str, Any]]) -> int:
+    """Write tidy rows as JSON lines atomically; returns the number of rows."""
+    lines = [to_json(dict(row), indent=None) for row in rows]
+    write_atomic(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Read records.jsonl; a corrupt or truncated line raises ValueError naming the file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: corrupt record ({err.msg}): {line[:80]!r}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: a record must be a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def config_hash(config: Mapping[str, Any], length: int = 8) -> str:
+    """A short stable hash of a configuration (key order does not matter)."""
+    blob = json.dumps(config, sort_keys=True, default=_json_default)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def make_run_id(config: Mapping[str, Any], keys: Iterable[str] = ("arch", "norm", "seed")) -> str:
+    """A readable, unique run id: the main grid coordinates, then a hash of the whole config.
+
+    >>> make_run_id({"arch": "mlp", "norm": "bn", "seed": 0, "lr": 0.1})  # doctest: +SKIP
+    'mlp-bn-s0-3f2a9c1b'
+    """
+    parts = []
+    for key in keys:
+        if key in config:
+            value = config[key]
+            parts.append(f"s{value}" if key == "seed" else str(value))
+    parts.append(config_hash(config))
+    return "-".join(p.replace("/", "_").replace(" ", "") for p in parts)
+
+
+def git_commit(cwd: Path | None = None) -> dict[str, Any]:
+    """The git commit of the source tree (and whether it has uncommitted changes), or None outside git."""
+    cwd = Path(cwd) if cwd is not None else Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(dirty)}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(*, seed: int | None = None, device: str = "cpu") -> dict[str, Any]:
+    """What a result depends on beyond its config: versions, device, threads, git commit, seed."""
+    import torch
+
+    env: dict[str, Any] = {
+        "seed": seed,
+        "device": device,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "host": socket.gethostname(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": sys.argv,
+        "torch_threads": torch.get_num_threads(),
+        "versions": {
+            name: _version(name)
+            for name in ("whybn", "torch", "numpy", "scipy", "pandas", "matplotlib", "seaborn", "mnist1d")
+        },
+        "git": git_commit(),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["cuda"] = {"device_name": torch.cuda.get_device_name(), "cuda_version": torch.version.cuda}
+    return env
+
+
+def _clean_value(value: Any) -> Any:
+    if isinstance(value, bool):
+        return float(value)
+    if hasattr(value, "item") and callable(value.item):
+        value = value.item()
+    if isinstance(value, int):
+        return float(value)
+    return value
+
+
+@dataclass(frozen=True)
+class RunStore:
+    """The results of one study at one preset: ``<root>/<study>/<preset>/``."""
+
+    root: Path
+    study: str
+    preset: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def base(self) -> Path:
+        return self.root / self.study / self.preset
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.base / "runs"
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.base / "figures"
+
+    def run_dir(self, run_id: str) -> Path:
+        if not run_id or "/" in run_id or run_id.startswith("."):
+            raise ValueError(f"run_id must be a plain directory name, got {run_id!r}")
+        return self.runs_dir / run_id
+
+    def is_done(self, run_id: str) -> bool:
+        return (self.run_dir(run_id) / DONE).is_file()
+
+    def run_ids(self, *, done: bool | None = None) -> list[str]:
+        """Run ids present on disk (all, only finished, or only unfinished)."""
+        if not self.runs_dir.is_dir():
+            return []
+        ids = sorted(p.name for p in self.runs_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if done is None:
+            return ids
+        return [i for i in ids if self.is_done(i) == done]
+
+    def check_writable(self) -> None:
+        """Fail before any training if results cannot be written here (read-only, missing permissions)."""
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd, probe = tempfile.mkstemp(dir=self.runs_dir, prefix=".tmp-write-check-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            raise OSError(f"results directory {self.runs_dir} is not writable: {err}") from err
+
+    def begin(self, run_id: str, config: Mapping[str, Any], env: Mapping[str, Any]) -> Path:
+        """Start (or restart) a run: wipe any unfinished attempt, write config.json and env.json."""
+        run_dir = self.run_dir(run_id)
+        if self.is_done(run_id):
+            raise FileExistsError(f"run {run_id} is already finished ({run_dir / DONE})")
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        write_json(run_dir / CONFIG, dict(config))
+        write_json(run_dir / ENV, dict(env))
+        return run_dir
+
+    def finish(self, run_id: str, config: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) -> int:
+        """Write records.jsonl (each row stamped with the run's fields), then DONE. Returns the row count."""
+        run_dir = self.run_dir(run_id)
+        if not (run_dir / CONFIG).is_file():
+            raise FileNotFoundError(f"run {run_id} was not begun: no {run_dir / CONFIG}")
+        stamp = {key: config.get(key) for key in RUN_FIELDS}
+        stamp["run_id"] = run_id
+        stamp["study"] = self.study
+
+        def tidy(row: Mapping[str, Any]) -> dict[str, Any]:
+            out = dict(stamp)
+            out.update({"step": None, "layer": ""})
+            out.update(row)
+            out["value"] = _clean_value(out.get("value"))
+            ordered = {k: out.pop(k) for k in RECORD_FIELDS if k in out}
+            ordered.update(out)
+            return ordered
+
+        n = write_records(run_dir / RECORDS, (tidy(r) for r in rows))
+        write_atomic(run_dir / DONE, time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
+        return n
+
+    def load(self, run_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """A finished run's config and records."""
+        run_dir = self.run_dir(run_id)
+        if not self.is_done(run_id):
+            raise FileNotFoundError(f"run {run_id} is not finished (no {run_dir / DONE})")
+        config = json.loads((run_dir / CONFIG).read_text())
+        return config, read_records(run_dir / RECORDS)
+
+
+def is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
