@@ -69,6 +69,20 @@ def load_runs(
             stacklevel=2,
         )
     if not frames:
-        return pd.DataFrame(columns=["run_id", "study", "arch", "norm", "dataset", "seed", "step", "probe",
-                                     "layer", "metric", "value", *config_columns])
+        return pd.DataFrame(
+            columns=[
+                "run_id",
+                "study",
+                "arch",
+                "norm",
+                "dataset",
+                "seed",
+                "step",
+                "probe",
+                "layer",
+                "metric",
+                "value",
+                *config_columns,
+            ]
+        )
     return pd.concat(frames, ignore_index=True)

@@ -8,10 +8,10 @@ import matplotlib
 
 matplotlib.use("Agg")  # figures are files; never open a window
 
-import matplotlib.pyplot as plt  # noqa: E402
-import seaborn as sns  # noqa: E402
+import matplotlib.pyplot as plt
+import seaborn as sns
 
-__all__ = ["NORM_ORDER", "NORM_LABELS", "norm_palette", "save_figure", "use_style"]
+__all__ = ["NORM_LABELS", "NORM_ORDER", "norm_palette", "save_figure", "use_style"]
 
 #: The order in which norms appear in every legend and table.
 NORM_ORDER = ("none", "bn", "noisy_bn", "noise", "lp_bn", "ln", "gn", "in", "dbn", "iternorm", "wn")

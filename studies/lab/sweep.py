@@ -53,10 +53,11 @@ def run_sweep(
     config: Any,
     store: RunStore,
     *,
-    ctx: RunContext = RunContext(),
+    ctx: RunContext | None = None,
     log: Callable[[str], None] = print,
 ) -> SweepReport:
     """Run every unfinished run of ``study`` at ``config`` into ``store``; finished runs are skipped."""
+    ctx = ctx or RunContext()
     start = time.perf_counter()
     store.check_writable()
     report = SweepReport()
@@ -78,7 +79,9 @@ def run_sweep(
         n = store.finish(run_id, run_config, rows)
         report.ran.append(run_id)
         log(f"  {n} records in {time.perf_counter() - run_start:.1f}s")
-    write_json(store.base / "sweep.json", {"config": dataclasses.asdict(config), "runs": [r for r, _ in planned]})
+    write_json(
+        store.base / "sweep.json", {"config": dataclasses.asdict(config), "runs": [r for r, _ in planned]}
+    )
     report.seconds = time.perf_counter() - start
     return report
 

@@ -1,0 +1,119 @@
+"""Hooks as context managers: capture per-layer inputs and outputs, removed on exit.
+
+>>> with capture_layer_inputs(model, layers=[nn.Linear, nn.Conv2d]) as inputs:   # doctest: +SKIP
+...     model(x)
+>>> inputs["blocks.0.linear"].shape                                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["capture", "capture_layer_inputs", "capture_layer_outputs", "select_modules"]
+
+
+def select_modules(
+    model: nn.Module,
+    layers: Sequence[type[nn.Module] | str | nn.Module] | Mapping[str, nn.Module] | None = None,
+) -> dict[str, nn.Module]:
+    """Named submodules of ``model``: by type, by qualified name, or given as modules (or a name→module map).
+
+    ``None`` selects every leaf module. An entry that matches nothing raises ``ValueError``.
+    """
+    named = dict(model.named_modules())
+    if isinstance(layers, Mapping):
+        return dict(layers)
+    if layers is None:
+        return {name: m for name, m in named.items() if name and not any(True for _ in m.children())}
+    by_id = {id(m): name for name, m in named.items()}
+    selected: dict[str, nn.Module] = {}
+    for entry in layers:
+        if isinstance(entry, str):
+            if entry not in named:
+                raise ValueError(f"layers: the model has no submodule named {entry!r}")
+            selected[entry] = named[entry]
+        elif isinstance(entry, nn.Module):
+            if id(entry) not in by_id:
+                raise ValueError(f"layers: {type(entry).__name__} module is not part of the model")
+            selected[by_id[id(entry)]] = entry
+        elif isinstance(entry, type) and issubclass(entry, nn.Module):
+            matches = {name: m for name, m in named.items() if name and isinstance(m, entry)}
+            if not matches:
+                raise ValueError(f"layers: the model has no {entry.__name__} module")
+            selected.update(matches)
+        else:
+            raise TypeError(f"layers: expected module types, names or modules, got {entry!r}")
+    return selected
+
+
+@contextmanager
+def capture(
+    model: nn.Module,
+    layers: Sequence[type[nn.Module] | str | nn.Module] | Mapping[str, nn.Module] | None = None,
+    *,
+    what: str = "input",
+    detach: bool = True,
+) -> Iterator[dict[str, list[Tensor]]]:
+    """Record the first positional input (``what="input"``) or the output of each selected module.
+
+    Yields ``{name: [tensor per call]}``, filled while the block runs; hooks are removed on exit even
+    if the block raises. Tensors are detached unless ``detach=False``.
+    """
+    if what not in ("input", "output"):
+        raise ValueError(f"what must be 'input' or 'output', got {what!r}")
+    modules = select_modules(model, layers)
+    store: dict[str, list[Tensor]] = {name: [] for name in modules}
+    handles = []
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            value = args[0] if what == "input" else output
+            if isinstance(value, Tensor):
+                store[name].append(value.detach() if detach else value)
+
+        return hook
+
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(hook_for(name)))
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def capture_layer_inputs(
+    model: nn.Module, layers=None, *, detach: bool = True
+) -> Iterator[dict[str, Tensor]]:
+    """Like :func:`capture` for inputs, but each layer's calls are concatenated along the batch.
+
+    The dict is filled when the block exits; a layer that never ran raises ``ValueError``.
+    """
+    result: dict[str, Tensor] = {}
+    with capture(model, layers, what="input", detach=detach) as store:
+        yield result
+    _concat_into(result, store)
+
+
+@contextmanager
+def capture_layer_outputs(
+    model: nn.Module, layers=None, *, detach: bool = True
+) -> Iterator[dict[str, Tensor]]:
+    """Like :func:`capture_layer_inputs`, for outputs."""
+    result: dict[str, Tensor] = {}
+    with capture(model, layers, what="output", detach=detach) as store:
+        yield result
+    _concat_into(result, store)
+
+
+def _concat_into(result: dict[str, Tensor], store: dict[str, list[Tensor]]) -> None:
+    never = [name for name, values in store.items() if not values]
+    if never:
+        raise ValueError(f"layers never ran during the capture: {', '.join(never)}")
+    for name, values in store.items():
+        result[name] = values[0] if len(values) == 1 else torch.cat(values, dim=0)

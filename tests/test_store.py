@@ -1,0 +1,164 @@
+"""Results store and sweep: layout, atomic writes, DONE last, finished runs skipped, killed runs redone."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from studies.lab.store import (
+    CONFIG,
+    DONE,
+    ENV,
+    RECORD_FIELDS,
+    RECORDS,
+    RunStore,
+    environment,
+    make_run_id,
+    read_records,
+    write_atomic,
+    write_records,
+)
+from studies.lab.study import RunContext, Study
+from studies.lab.sweep import plan_runs, run_sweep
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    norms: tuple[str, ...] = ("none", "bn")
+    seeds: int = 2
+    scale: float = 1.0
+
+
+def toy_grid(config: ToyConfig) -> list[dict]:
+    return [
+        {"arch": "mlp", "norm": n, "dataset": "toy", "seed": s, "scale": config.scale}
+        for n in config.norms
+        for s in range(config.seeds)
+    ]
+
+
+CALLS: list[str] = []
+
+
+def toy_run(rc: dict, ctx: RunContext) -> list[dict]:
+    CALLS.append(f"{rc['norm']}-{rc['seed']}")
+    if rc.get("scale") == -1 and rc["norm"] == "bn":
+        raise RuntimeError("boom")
+    return [{"step": t, "probe": "train", "metric": "loss", "value": rc["scale"] * t} for t in range(3)]
+
+
+TOY = Study(
+    name="toy",
+    title="toy",
+    reproduces="-",
+    figures=(),
+    presets={"quick": ToyConfig()},
+    grid=toy_grid,
+    run=toy_run,
+    analyze=lambda df, config, out: [],
+)
+
+
+def test_layout_and_records(tmp_path):
+    CALLS.clear()
+    store = RunStore(tmp_path, "toy", "quick")
+    report = run_sweep(TOY, ToyConfig(), store, log=lambda s: None)
+    assert len(report.ran) == 4 and not report.skipped and report.ok
+    for run_id in store.run_ids():
+        d = store.run_dir(run_id)
+        assert {p.name for p in d.iterdir()} == {CONFIG, ENV, RECORDS, DONE}
+        config, rows = store.load(run_id)
+        assert [r["value"] for r in rows] == [0.0, 1.0, 2.0]
+        assert list(rows[0])[: len(RECORD_FIELDS)] == list(RECORD_FIELDS)
+        assert rows[0]["run_id"] == run_id and rows[0]["study"] == "toy"
+        assert rows[0]["norm"] == config["norm"] and rows[0]["seed"] == config["seed"]
+        env = json.loads((d / ENV).read_text())
+        assert env["seed"] == config["seed"] and env["versions"]["torch"].startswith("2.13")
+        assert "commit" in env["git"]
+
+
+def test_finished_runs_skipped_and_unfinished_redone(tmp_path):
+    CALLS.clear()
+    store = RunStore(tmp_path, "toy", "quick")
+    run_sweep(TOY, ToyConfig(), store, log=lambda s: None)
+    # simulate a run killed mid-way: DONE missing, records half written
+    victim = store.run_ids()[0]
+    (store.run_dir(victim) / DONE).unlink()
+    (store.run_dir(victim) / RECORDS).write_text('{"step": 0, "val')
+    CALLS.clear()
+    report = run_sweep(TOY, ToyConfig(), store, log=lambda s: None)
+    assert report.ran == [victim] and len(report.skipped) == 3
+    assert len(CALLS) == 1
+    _, rows = store.load(victim)
+    assert [r["value"] for r in rows] == [0.0, 1.0, 2.0]
+
+
+def test_failed_run_left_unfinished_and_sweep_goes_on(tmp_path):
+    store = RunStore(tmp_path, "toy", "quick")
+    report = run_sweep(TOY, ToyConfig(scale=-1), store, log=lambda s: None)
+    assert len(report.failed) == 2 and len(report.ran) == 2 and not report.ok
+    assert all("boom" in msg for msg in report.failed.values())
+    assert len(store.run_ids(done=True)) == 2 and len(store.run_ids(done=False)) == 2
+
+
+def test_run_ids_unique_stable_and_readable():
+    planned = plan_runs(TOY, ToyConfig())
+    ids = [r for r, _ in planned]
+    assert len(set(ids)) == 4 and ids == [r for r, _ in plan_runs(TOY, ToyConfig())]
+    assert ids[0].startswith("mlp-none-s0-")
+    assert make_run_id({"arch": "a", "seed": 1, "x": 1}) != make_run_id({"arch": "a", "seed": 1, "x": 2})
+    assert make_run_id({"b": 1, "a": 2}) == make_run_id({"a": 2, "b": 1})
+
+
+def test_duplicate_grid_points_rejected():
+    dup = Study(**{**TOY.__dict__, "grid": lambda c: [{"arch": "a", "seed": 0}] * 2})
+    with pytest.raises(ValueError, match="share the config"):
+        plan_runs(dup, ToyConfig())
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    write_atomic(tmp_path / "a.txt", "hello")
+    write_atomic(tmp_path / "a.txt", "world")
+    assert (tmp_path / "a.txt").read_text() == "world"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_records_roundtrip_nonfinite_and_corrupt_line(tmp_path):
+    path = tmp_path / RECORDS
+    write_records(path, [{"value": float("nan")}, {"value": float("inf")}, {"value": 1.5}])
+    rows = read_records(path)
+    assert rows[0]["value"] != rows[0]["value"] and rows[1]["value"] == float("inf") and rows[2]["value"] == 1.5
+    with open(path, "a") as f:
+        f.write('{"value": 2.0, "trunc')
+    with pytest.raises(ValueError, match=rf"{RECORDS}:4: corrupt record"):
+        read_records(path)
+
+
+def test_begin_refuses_finished_run_and_bad_ids(tmp_path):
+    store = RunStore(tmp_path, "toy", "quick")
+    store.begin("r1", {"seed": 0}, environment(seed=0))
+    store.finish("r1", {"seed": 0}, [{"metric": "m", "value": 1}])
+    with pytest.raises(FileExistsError):
+        store.begin("r1", {"seed": 0}, {})
+    with pytest.raises(ValueError, match="run_id"):
+        store.run_dir("../escape")
+    with pytest.raises(FileNotFoundError, match="not begun"):
+        store.finish("r2", {}, [])
+
+
+def test_read_only_results_directory_fails_before_training(tmp_path):
+    import os
+
+    if os.geteuid() == 0:
+        target = tmp_path / "file-not-dir"
+        target.write_text("x")  # root ignores permissions: use a path that cannot be a directory
+        store = RunStore(target, "toy", "quick")
+    else:
+        tmp_path.chmod(0o500)
+        store = RunStore(tmp_path, "toy", "quick")
+    CALLS.clear()
+    with pytest.raises(OSError):
+        run_sweep(TOY, ToyConfig(), store, log=lambda s: None)
+    assert CALLS == []
