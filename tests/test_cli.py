@@ -1,0 +1,91 @@
+"""The `whybn` command: list, run (with overrides), figures, all, and its errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from studies import cli
+from studies.lab.study import Study
+from tests.test_store import TOY, ToyConfig
+
+
+@pytest.fixture
+def toy_registry(monkeypatch):
+    analyzed = []
+
+    def analyze(df, config, out_dir):
+        analyzed.append(config)
+        (out_dir / "toy.png").write_bytes(b"png")
+        return []
+
+    study = Study(**{**TOY.__dict__, "analyze": analyze, "figures": ("toy",)})
+
+    def get_study(name):
+        if name != "toy":
+            raise KeyError(f"unknown study {name!r}; known studies: toy")
+        return study
+
+    monkeypatch.setattr(cli, "STUDY_NAMES", ("toy",))
+    monkeypatch.setattr(cli, "get_study", get_study)
+    return analyzed
+
+
+def test_list(toy_registry, capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "study" in out and "toy" in out
+
+
+def test_run_then_skip_then_figures(toy_registry, tmp_path, capsys):
+    args = ["run", "toy", "--results", str(tmp_path), "--set", "scale=2", "--seeds", "1"]
+    assert cli.main(args) == 0
+    assert "2 run(s) done, 0 already finished" in capsys.readouterr().out
+    assert cli.main(args) == 0
+    assert "0 run(s) done, 2 already finished" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "toy/quick/sweep.json").read_text())
+    assert saved["config"]["scale"] == 2.0 and saved["config"]["seeds"] == 1
+    assert (tmp_path / "toy/quick/figures/toy.png").exists()
+    assert json.loads((tmp_path / "toy/quick/figures/claims.json").read_text()) == []
+    assert cli.main(["figures", "toy", "--results", str(tmp_path)]) == 0
+    # figures re-draws with the config the runs used, not the bare preset
+    assert toy_registry[-1] == ToyConfig(scale=2.0, seeds=1)
+
+
+def test_all_runs_every_study(toy_registry, tmp_path, capsys):
+    assert cli.main(["all", "--results", str(tmp_path)]) == 0
+    assert "4 run(s) done" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "nope"], "unknown study 'nope'; known studies: toy"),
+        (["run", "toy", "--set", "bogus=1"], "--set bogus: ToyConfig has no such key"),
+        (["run", "toy", "--set", "scale=big"], "--set scale=big: expected a value of type float"),
+        (["run", "toy", "--preset", "huge"], "has no preset 'huge'; presets: quick"),
+        (["run", "toy", "--device", "tpu"], "--device must be 'cpu' or 'cuda"),
+        (["figures", "toy"], "no finished runs of 'toy'"),
+    ],
+)
+def test_bad_input_exits_2_with_one_clear_line(toy_registry, tmp_path, capsys, argv, message):
+    assert cli.main([*argv, "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("whybn: error: ") and message in err
+
+
+def test_cuda_missing_is_a_clear_error(toy_registry, tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["run", "toy", "--device", "cuda", "--results", str(tmp_path)]) == 2
+    assert "CUDA is not available on this machine" in capsys.readouterr().err
+    assert not (tmp_path / "toy").exists()  # nothing written before the error
+
+
+def test_console_entry_point_and_module():
+    out = subprocess.run([sys.executable, "-m", "studies", "list"], capture_output=True, text=True, check=True)
+    assert "activation_drift" in out.stdout and "Ioffe & Szegedy 2015, Fig. 1" in out.stdout
