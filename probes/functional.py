@@ -17,7 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ModelState", "eval_mode", "preserved"]
+__all__ = ["BN_MODES", "ModelState", "eval_mode", "is_batch_dependent", "norm_mode", "preserved"]
+
+#: How batch-dependent norm layers normalize during a probe (DESIGN.md).
+BN_MODES = ("batch", "running")
 
 
 def _rng_state() -> dict[str, Any]:
@@ -119,3 +122,37 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, flag in flags.items():
             m.training = flag
+
+
+def is_batch_dependent(module: nn.Module) -> bool:
+    """A layer that normalizes with batch statistics in training: torch's BatchNorm and whybn's zoo alike.
+
+    Both follow torch.nn.BatchNorm's convention of a ``track_running_stats`` attribute.
+    """
+    return hasattr(module, "track_running_stats")
+
+
+@contextmanager
+def norm_mode(model: nn.Module, bn: str = "batch") -> Iterator[nn.Module]:
+    """Run the block with batch-dependent norms in mode ``bn`` and every random layer off.
+
+    ``bn="batch"``: batch-dependent layers normalize with the current batch's statistics (the loss the
+    optimizer sees) and update no running statistic (``training=True, track_running_stats=False``);
+    ``bn="running"``: they use their running statistics (eval mode). All other modules are in eval mode
+    (dropout and injected noise off). Flags are restored on exit.
+    """
+    if bn not in BN_MODES:
+        raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
+    saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
+    try:
+        for m in model.modules():
+            batch = bn == "batch" and is_batch_dependent(m)
+            m.training = batch
+            if batch:
+                m.track_running_stats = False
+        yield model
+    finally:
+        for m, training, track in saved:
+            m.training = training
+            if track is not None:
+                m.track_running_stats = track

@@ -2,7 +2,8 @@
 
 An MLP with three hidden layers of 100 sigmoid units, trained with SGD on batches of 60, with and
 without batch normalization (before the sigmoid, as in the paper). At regular steps we feed a fixed
-probe batch (the first ``probe_size`` test examples) through the network in inference mode and record
+probe batch (the first ``probe_size`` test examples) through the network — BN with the probe batch's
+statistics, as in training, without updating its running statistics — and record
 the 15th, 50th and 85th percentiles of the input to the last hidden layer's sigmoids, for the first
 ``units`` units. Ioffe & Szegedy trained on MNIST for 50k steps; the quick preset uses MNIST-1D (the
 project's offline default) for a few thousand steps, the paper preset Fashion-MNIST.
@@ -34,7 +35,7 @@ import torch
 from analysis.claims import Claim, test_claim
 from analysis.style import NORM_LABELS, norm_palette, ordered_norms, save_figure, use_style
 from probes.activations import capture_layer_inputs
-from probes.functional import eval_mode
+from probes.functional import norm_mode
 from studies.lab.data import dataset_info, load_dataset
 from studies.lab.nets import make_net
 from studies.lab.study import RunContext, Study
@@ -64,6 +65,7 @@ class Config:
     probe_every: int = 100
     eval_every: int = 250
     probe_size: int = 1000
+    probe_bn: str = "batch"  # how BN normalizes the probe batch: "batch" or "running" statistics
     units: int = 16
 
 
@@ -91,12 +93,16 @@ def _data_options(rc: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-def sigmoid_input_probe(probe_x: torch.Tensor, units: int):
-    """A probe: percentiles of the last hidden activation's input on a fixed batch, in inference mode."""
+def sigmoid_input_probe(probe_x: torch.Tensor, units: int, bn: str = "batch"):
+    """A probe: percentiles of the last hidden activation's input on a fixed batch.
+
+    ``bn="batch"`` normalizes with the probe batch's own statistics (the network the optimizer trains,
+    no running statistic updated); ``"running"`` measures the inference network.
+    """
 
     def probe(ctx: ProbeContext) -> list[dict[str, Any]]:
         target = ctx.model.activations()[-1]
-        with torch.no_grad(), eval_mode(ctx.model), capture_layer_inputs(ctx.model, [target]) as inputs:
+        with torch.no_grad(), norm_mode(ctx.model, bn), capture_layer_inputs(ctx.model, [target]) as inputs:
             ctx.model(probe_x.to(ctx.device))
         x = next(iter(inputs.values()))[:, :units].double()  # (probe_size, units)
         q = torch.tensor([p / 100 for p in PERCENTILES], dtype=x.dtype, device=x.device)
@@ -136,7 +142,7 @@ def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
         log_every=rc["probe_every"],
     )
     schedule = ProbeSchedule(
-        sigmoid_input_probe(probe_x, rc["units"]),
+        sigmoid_input_probe(probe_x, rc["units"], rc["probe_bn"]),
         steps=range(0, rc["steps"] + 1, rc["probe_every"]),
         name="sigmoid_input",
     )

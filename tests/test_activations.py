@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from probes.activations import capture, capture_layer_inputs, capture_layer_outputs
-from probes.functional import ModelState, eval_mode, preserved
+from probes.functional import ModelState, eval_mode, norm_mode, preserved
+from studies.lab.norms import BatchNorm
 
 
 def small_net() -> nn.Sequential:
@@ -90,3 +91,25 @@ def test_preserved_and_eval_mode_restore_flags():
     with eval_mode(net):
         assert not any(m.training for m in net.modules())
     assert {n: m.training for n, m in net.named_modules()} == before
+
+
+@pytest.mark.parametrize("factory", [nn.BatchNorm1d, BatchNorm], ids=["torch", "whybn"])
+def test_norm_mode_batch_and_running(factory):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), factory(5), nn.Dropout(0.5), nn.Linear(5, 2)).train()
+    net[1].running_mean.fill_(3.0)
+    x = torch.randn(16, 4)
+    state = ModelState.capture(net)
+    h = net[0](x)
+    with torch.no_grad(), norm_mode(net, "batch"):
+        out = net(x)
+        assert net[1].training and not net[2].training
+    z = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + 1e-5)
+    torch.testing.assert_close(out, net[3](z * net[1].weight + net[1].bias))  # batch stats, dropout off
+    with torch.no_grad(), norm_mode(net, "running"):
+        out = net(x)
+    z = (h - 3.0) / torch.sqrt(net[1].running_var + 1e-5)
+    torch.testing.assert_close(out, net[3](z * net[1].weight + net[1].bias))
+    assert state.differences(net) == []  # no running-stat update, flags restored
+    with pytest.raises(ValueError, match="bn must be one of"), norm_mode(net, "train"):
+        pass
