@@ -236,7 +236,7 @@ def analyze(df: pd.DataFrame, config: Config, out_dir: Path) -> list[Claim]:
         part = unit[unit["norm"] == norm].pivot_table(index="step", columns="metric", values="value")
         color = palette[norm]
         ax.fill_between(part.index, part["p15"], part["p85"], color=color, alpha=0.2, lw=0)
-        for p, style in zip(PERCENTILES, (":", "-", ":"), strict=True):
+        for p, style in zip(PERCENTILES, (":", "-", "--"), strict=True):
             ax.plot(part.index, part[f"p{p}"], style, color=color, label=f"{p}th pct.")
         ax.set(
             title=f"({letter}) sigmoid input, {NORM_LABELS.get(norm, norm)}",

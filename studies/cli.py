@@ -1,10 +1,10 @@
 """``whybn``: list, run and re-draw the studies (also ``python -m studies``).
 
-    whybn list
-    whybn run STUDY [--preset quick|paper] [--device cpu|cuda] [--seeds N] [--results DIR]
-                    [--executor local] [--set key=value ...]
-    whybn figures [STUDY] [--preset quick] [--results DIR]
-    whybn all [--preset quick] [--device cpu] [--results DIR]
+whybn list
+whybn run STUDY [--preset quick|paper] [--device cpu|cuda] [--seeds N] [--results DIR]
+                [--executor local] [--set key=value ...]
+whybn figures [STUDY] [--preset quick] [--results DIR]
+whybn all [--preset quick] [--device cpu] [--results DIR]
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def _check_device(device: str) -> None:
         return
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise CLIError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
+            raise CLIError(
+                f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})"
+            )
         return
     raise CLIError(f"--device must be 'cpu' or 'cuda[:N]', got {device!r}")
 
@@ -79,7 +81,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_one(study: Study, args: argparse.Namespace, sets: Sequence[str] = (), seeds: int | None = None) -> int:
+def _run_one(
+    study: Study, args: argparse.Namespace, sets: Sequence[str] = (), seeds: int | None = None
+) -> int:
     try:
         config = apply_overrides(study.preset(args.preset), sets, seeds=seeds)
     except (KeyError, ValueError, TypeError) as err:
@@ -131,12 +135,18 @@ def cmd_all(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="whybn", description="Why does batch normalization work? Measure it.")
+    parser = argparse.ArgumentParser(
+        prog="whybn", description="Why does batch normalization work? Measure it."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{list,run,figures,all}")
 
     def common(p: argparse.ArgumentParser, *, device: bool = True) -> None:
-        p.add_argument("--preset", default="quick", help="quick (minutes on 2 CPU cores) or paper (full grid)")
-        p.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="results directory (default: results)")
+        p.add_argument(
+            "--preset", default="quick", help="quick (minutes on 2 CPU cores) or paper (full grid)"
+        )
+        p.add_argument(
+            "--results", type=Path, default=DEFAULT_RESULTS, help="results directory (default: results)"
+        )
         if device:
             p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
 

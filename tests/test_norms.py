@@ -465,3 +465,9 @@ def test_registry_shapes_and_errors():
     for name, options, match in bad:
         with pytest.raises(ValueError, match=match):
             make_norm(name, 4, **options)
+
+
+@pytest.mark.parametrize("name", ["none", "wn"])
+def test_option_free_norms_reject_unknown_options(name):
+    with pytest.raises(TypeError, match="groups"):
+        make_norm(name, 4, groups=2)

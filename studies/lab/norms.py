@@ -67,7 +67,7 @@ class Norm(nn.Module):
 class NoNorm(Norm):
     """``none``: the identity, so that "no normalization" is one more name in the registry."""
 
-    def __init__(self, num_features: int, **_ignored) -> None:
+    def __init__(self, num_features: int) -> None:
         super().__init__(num_features)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -534,7 +534,7 @@ class WeightNorm(Norm):
     The identity on activations; :meth:`wrap_layer` returns the re-parameterized linear/conv layer.
     """
 
-    def __init__(self, num_features: int, **_ignored) -> None:
+    def __init__(self, num_features: int) -> None:
         super().__init__(num_features)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -34,7 +34,19 @@ from pathlib import Path
 from typing import Any
 
 #: Columns every row of records.jsonl carries, in this order (DESIGN.md).
-RECORD_FIELDS = ("run_id", "study", "arch", "norm", "dataset", "seed", "step", "probe", "layer", "metric", "value")
+RECORD_FIELDS = (
+    "run_id",
+    "study",
+    "arch",
+    "norm",
+    "dataset",
+    "seed",
+    "step",
+    "probe",
+    "layer",
+    "metric",
+    "value",
+)
 #: Run-level fields copied from the config into every row.
 RUN_FIELDS = ("run_id", "study", "arch", "norm", "dataset", "seed")
 

@@ -91,7 +91,7 @@ def parse_value(key: str, text: str, tp: Any) -> Any:
             args = typing.get_args(tp)
             item = args[0] if args else str
             parts = [p.strip() for p in text.split(",") if p.strip()]
-            if len(args) == 2 and args[1] is Ellipsis or not args:
+            if (len(args) == 2 and args[1] is Ellipsis) or not args:
                 return tuple(parse_value(key, p, item) for p in parts)
             if len(parts) != len(args):
                 raise ValueError(f"expected {len(args)} comma-separated values")
