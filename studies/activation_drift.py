@@ -78,7 +78,9 @@ PAPER = replace(
 def grid(config: Config) -> list[dict[str, Any]]:
     base = {k: v for k, v in asdict(config).items() if k not in ("norms", "seeds")}
     return [
-        {"arch": "mlp", "norm": norm, "seed": seed, **base} for norm in config.norms for seed in range(config.seeds)
+        {"arch": "mlp", "norm": norm, "seed": seed, **base}
+        for norm in config.norms
+        for seed in range(config.seeds)
     ]
 
 
@@ -167,10 +169,13 @@ def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
 def drift_per_run(df: pd.DataFrame) -> pd.DataFrame:
     """Per run: mean over units of range_t(p50) + range_t(p85 − p15) of the sigmoid's input."""
     rows = df[df["probe"] == "sigmoid_input"]
-    wide = rows.pivot_table(index=["run_id", "norm", "seed", "layer", "step"], columns="metric", values="value")
+    wide = rows.pivot_table(
+        index=["run_id", "norm", "seed", "layer", "step"], columns="metric", values="value"
+    )
     wide["spread"] = wide["p85"] - wide["p15"]
     per_unit = wide.groupby(level=["run_id", "norm", "seed", "layer"]).agg(
-        median_range=("p50", lambda s: s.max() - s.min()), spread_range=("spread", lambda s: s.max() - s.min())
+        median_range=("p50", lambda s: s.max() - s.min()),
+        spread_range=("spread", lambda s: s.max() - s.min()),
     )
     per_unit["drift"] = per_unit["median_range"] + per_unit["spread_range"]
     return per_unit.groupby(level=["run_id", "norm", "seed"])["drift"].mean().reset_index()
@@ -223,7 +228,14 @@ def analyze(df: pd.DataFrame, config: Config, out_dir: Path) -> list[Claim]:
 
     acc = df[(df["probe"] == "eval") & (df["metric"] == "test_accuracy")]
     sns.lineplot(
-        acc, x="step", y="value", hue="norm", hue_order=norms, palette=palette, errorbar=("pi", 100), ax=axes[0]
+        acc,
+        x="step",
+        y="value",
+        hue="norm",
+        hue_order=norms,
+        palette=palette,
+        errorbar=("pi", 100),
+        ax=axes[0],
     )
     axes[0].set(title="(a) test accuracy", xlabel="training step", ylabel="accuracy")
     handles, labels = axes[0].get_legend_handles_labels()

@@ -66,7 +66,10 @@ def test_claims_are_computed_from_records(results):
     for (norm, seed), run in rows.groupby(["norm", "seed"]):
         per_unit = []
         for _, unit in run.groupby("layer"):
-            p = {m: unit[unit["metric"] == m].sort_values("step")["value"].to_numpy() for m in ("p15", "p50", "p85")}
+            p = {
+                m: unit[unit["metric"] == m].sort_values("step")["value"].to_numpy()
+                for m in ("p15", "p50", "p85")
+            }
             spread = p["p85"] - p["p15"]
             per_unit.append(np.ptp(p["p50"]) + np.ptp(spread))
         drift[norm, seed] = np.mean(per_unit)
@@ -74,9 +77,10 @@ def test_claims_are_computed_from_records(results):
     claims = json.loads((results.figures_dir / "claims.json").read_text())
     assert claims[0]["estimate"] == pytest.approx(expected, rel=1e-12)
     acc = df[(df["probe"] == "eval") & (df["metric"] == "test_accuracy") & (df["step"] == 60)]
-    diff = acc[acc["norm"] == "bn"].sort_values("seed")["value"].to_numpy() - acc[
-        acc["norm"] == "none"
-    ].sort_values("seed")["value"].to_numpy()
+    diff = (
+        acc[acc["norm"] == "bn"].sort_values("seed")["value"].to_numpy()
+        - acc[acc["norm"] == "none"].sort_values("seed")["value"].to_numpy()
+    )
     assert claims[1]["estimate"] == pytest.approx(diff.mean(), rel=1e-12)
 
 

@@ -41,7 +41,10 @@ def test_load_reports_corrupt_file_and_line(tmp_path):
     store = make_results(tmp_path)
     path = store.run_dir("bn-0.1") / RECORDS
     path.write_text(path.read_text() + '{"broken": \n')
-    with pytest.raises(ValueError, match=r"bn-0.1/records.jsonl:2: corrupt record"), warnings.catch_warnings():
+    with (
+        pytest.raises(ValueError, match=r"bn-0.1/records.jsonl:2: corrupt record"),
+        warnings.catch_warnings(),
+    ):
         warnings.simplefilter("ignore")
         load_runs(tmp_path, "toy")
     assert (store.run_dir("bn-0.1") / DONE).exists()
@@ -68,7 +71,9 @@ def test_summarize_groups():
 
     df = pd.DataFrame({"norm": ["a", "a", "b"], "value": [1.0, 3.0, 5.0]})
     out = summarize(df, ["norm"])
-    assert list(out["norm"]) == ["a", "b"] and list(out["estimate"]) == [2.0, 5.0] and list(out["n"]) == [2, 1]
+    assert (
+        list(out["norm"]) == ["a", "b"] and list(out["estimate"]) == [2.0, 5.0] and list(out["n"]) == [2, 1]
+    )
 
 
 def test_claim_directions():

@@ -87,5 +87,7 @@ def test_cuda_missing_is_a_clear_error(toy_registry, tmp_path, capsys, monkeypat
 
 
 def test_console_entry_point_and_module():
-    out = subprocess.run([sys.executable, "-m", "studies", "list"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "studies", "list"], capture_output=True, text=True, check=True
+    )
     assert "activation_drift" in out.stdout and "Ioffe & Szegedy 2015, Fig. 1" in out.stdout

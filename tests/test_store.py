@@ -129,7 +129,9 @@ def test_records_roundtrip_nonfinite_and_corrupt_line(tmp_path):
     path = tmp_path / RECORDS
     write_records(path, [{"value": float("nan")}, {"value": float("inf")}, {"value": 1.5}])
     rows = read_records(path)
-    assert rows[0]["value"] != rows[0]["value"] and rows[1]["value"] == float("inf") and rows[2]["value"] == 1.5
+    assert (
+        rows[0]["value"] != rows[0]["value"] and rows[1]["value"] == float("inf") and rows[2]["value"] == 1.5
+    )
     with open(path, "a") as f:
         f.write('{"value": 2.0, "trunc')
     with pytest.raises(ValueError, match=rf"{RECORDS}:4: corrupt record"):
@@ -162,3 +164,48 @@ def test_read_only_results_directory_fails_before_training(tmp_path):
     with pytest.raises(OSError):
         run_sweep(TOY, ToyConfig(), store, log=lambda s: None)
     assert CALLS == []
+
+
+SLOW_SWEEP = """
+import sys, time
+from tests.test_store import TOY, ToyConfig
+from studies.lab.store import RunStore
+from studies.lab.study import Study
+from studies.lab.sweep import run_sweep
+
+def slow_run(rc, ctx):
+    time.sleep(0.3 if rc["seed"] == 0 else 60)  # the second run hangs until killed
+    return [{"step": 0, "probe": "train", "metric": "loss", "value": float(rc["seed"])}]
+
+study = Study(**{**TOY.__dict__, "run": slow_run})
+run_sweep(study, ToyConfig(norms=("bn",), seeds=2), RunStore(sys.argv[1], "toy", "quick"), log=lambda s: None)
+"""
+
+
+def test_sigkill_mid_sweep_then_resume(tmp_path):
+    """A sweep killed with SIGKILL mid-run resumes: every run present exactly once, no corrupt file."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SWEEP, str(tmp_path)], cwd=repo)
+    store = RunStore(tmp_path, "toy", "quick")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (
+        len(store.run_ids(done=True)) == 1 and store.run_ids(done=False)
+    ):
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert len(store.run_ids(done=True)) == 1 and len(store.run_ids(done=False)) == 1
+    finished = store.run_ids(done=True)[0]
+    CALLS.clear()
+    report = run_sweep(TOY, ToyConfig(norms=("bn",), seeds=2), store, log=lambda s: None)
+    assert report.skipped == [finished] and len(report.ran) == 1 and len(CALLS) == 1
+    assert len(store.run_ids()) == len(store.run_ids(done=True)) == 2
+    for run_id in store.run_ids():
+        store.load(run_id)  # parses: no truncated file anywhere
+    leftovers = [p for p in tmp_path.rglob(".tmp-*")]
+    assert leftovers == []

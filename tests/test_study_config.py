@@ -24,7 +24,9 @@ def test_overrides_parse_types():
     c = apply_overrides(
         C(), ["norms=bn,ln,gn", "lr=0.5", "steps=7", "flag=true", "data_root=/data", "pair=3,4.5"], seeds=2
     )
-    assert c == C(norms=("bn", "ln", "gn"), lr=0.5, steps=7, flag=True, data_root="/data", pair=(3, 4.5), seeds=2)
+    assert c == C(
+        norms=("bn", "ln", "gn"), lr=0.5, steps=7, flag=True, data_root="/data", pair=(3, 4.5), seeds=2
+    )
     assert apply_overrides(C(data_root="x"), ["data_root=none"]).data_root is None
     assert apply_overrides(C(), ["data.root=/d"]).data_root == "/d"  # dotted keys read as underscores
 
