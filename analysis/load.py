@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from studies.lab.store import CONFIG, DONE, RECORDS, read_records
+from studies.lab.store import CONFIG, DONE, RECORD_FIELDS, RECORDS, read_records
 
 __all__ = ["find_runs", "load_runs"]
 
@@ -69,20 +69,5 @@ def load_runs(
             stacklevel=2,
         )
     if not frames:
-        return pd.DataFrame(
-            columns=[
-                "run_id",
-                "study",
-                "arch",
-                "norm",
-                "dataset",
-                "seed",
-                "step",
-                "probe",
-                "layer",
-                "metric",
-                "value",
-                *config_columns,
-            ]
-        )
+        return pd.DataFrame(columns=[*RECORD_FIELDS, *config_columns])
     return pd.concat(frames, ignore_index=True)

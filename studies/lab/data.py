@@ -36,7 +36,6 @@ import json
 import os
 import pickle
 import random
-import tempfile
 import threading
 import warnings
 import zipfile
@@ -50,6 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
+
+from studies.lab.store import atomic_file
 
 __all__ = [
     "DATASETS",
@@ -225,18 +226,9 @@ def cache_dir() -> Path:
 
 
 def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write an ``.npz`` so that readers see either no file or the whole file (temp file + os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write an ``.npz`` so that readers see either no file or the whole file."""
+    with atomic_file(path, "wb") as f:
+        np.savez(f, **arrays)
 
 
 # --------------------------------------------------------------------------------------------------
