@@ -1,5 +1,8 @@
 """The state every probe must leave alone, and the guard that checks it.
 
+This module also turns a model, a loss and batches into a pure function of chosen parameters
+(:func:`functional_loss`), the object every curvature probe differentiates.
+
 A probe may run the model in another mode, but afterwards parameters, buffers (BN running statistics,
 ``num_batches_tracked``), ``training`` flags, ``requires_grad``, ``.grad`` and the global RNG state are
 exactly as before. :class:`ModelState` snapshots all of them; :func:`preserved` restores them on exit.
@@ -8,16 +11,30 @@ exactly as before. :class:`ModelState` snapshots all of them; :func:`preserved` 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.func import functional_call
 
-__all__ = ["BN_MODES", "ModelState", "eval_mode", "is_batch_dependent", "norm_mode", "preserved"]
+__all__ = [
+    "BN_MODES",
+    "FunctionalLoss",
+    "ModelState",
+    "as_batches",
+    "check_loss",
+    "eval_mode",
+    "functional_loss",
+    "is_batch_dependent",
+    "norm_mode",
+    "preserved",
+    "probe_guard",
+    "resolve_params",
+]
 
 #: How batch-dependent norm layers normalize during a probe (DESIGN.md).
 BN_MODES = ("batch", "running")
@@ -156,3 +173,212 @@ def norm_mode(model: nn.Module, bn: str = "batch") -> Iterator[nn.Module]:
             m.training = training
             if track is not None:
                 m.track_running_stats = track
+
+
+@contextmanager
+def probe_guard(model: nn.Module, *, strict: bool = False) -> Iterator[ModelState]:
+    """The guard around every probe: snapshot the state, run the block, restore the snapshot.
+
+    With ``strict=True`` (tests) the block must not have changed anything itself: an
+    ``AssertionError`` lists the differences (the state is restored first either way).
+    """
+    state = ModelState.capture(model)
+    diffs: list[str] = []
+    try:
+        yield state
+        if strict:
+            diffs = state.differences(model)
+    finally:
+        state.restore(model)
+    if diffs:
+        raise AssertionError(f"the probe changed the model: {diffs}")
+
+
+# ----------------------------------------------------------------------------------------- inputs
+
+
+def resolve_params(
+    model: nn.Module, params: nn.Module | Sequence[str] | Sequence[nn.Parameter] | None = None
+) -> list[tuple[str, nn.Parameter]]:
+    """The ``(name, parameter)`` pairs a probe differentiates, in the model's order of registration.
+
+    ``None``: every trainable (``requires_grad``) parameter; a submodule of ``model``: its parameters;
+    a list of qualified names or of ``nn.Parameter`` objects of ``model``. Anything not in the model,
+    an empty selection or a duplicate raises ``ValueError``.
+    """
+    named = list(model.named_parameters())  # shared (tied) parameters once, under their first name
+    if params is None:
+        chosen = [(n, p) for n, p in named if p.requires_grad]
+        if not chosen:
+            raise ValueError("params: the model has no trainable (requires_grad) parameters")
+        return chosen
+    by_id = {id(p): n for n, p in named}
+    if isinstance(params, nn.Module):
+        if not any(m is params for m in model.modules()):
+            raise ValueError(
+                f"params: expected a submodule of the model, got a foreign {type(params).__name__}"
+            )
+        ids = {id(p) for p in params.parameters()}
+        chosen = [(n, p) for n, p in named if id(p) in ids]
+        if not chosen:
+            raise ValueError(f"params: the {type(params).__name__} submodule has no parameters")
+        return chosen
+    if isinstance(params, str | Tensor) or not isinstance(params, Iterable):
+        raise ValueError(
+            f"params: expected None, a submodule, or a list of parameter names or parameters, got {params!r}"
+        )
+    entries = list(params)
+    if not entries:
+        raise ValueError("params: empty selection; expected parameter names or parameters of the model")
+    lookup = dict(named)
+    names: list[str] = []
+    for entry in entries:
+        if isinstance(entry, str):
+            if entry not in lookup:
+                raise ValueError(f"params: the model has no parameter named {entry!r}")
+            names.append(entry)
+        elif isinstance(entry, Tensor):
+            if id(entry) not in by_id:
+                raise ValueError(
+                    f"params: a parameter of shape {tuple(entry.shape)} is not part of the model"
+                )
+            names.append(by_id[id(entry)])
+        else:
+            raise ValueError(f"params: expected parameter names or parameters, got {entry!r}")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"params: duplicate parameters {duplicates}")
+    chosen_names = set(names)
+    return [(n, p) for n, p in named if n in chosen_names]
+
+
+def as_batches(
+    batches: tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]],
+) -> list[tuple[Tensor, Tensor]]:
+    """One ``(inputs, targets)`` pair or an iterable of pairs, as a list (``ValueError`` if empty)."""
+    if (
+        isinstance(batches, tuple | list)
+        and len(batches) == 2
+        and all(isinstance(t, Tensor) for t in batches)
+    ):
+        return [(batches[0], batches[1])]
+    try:
+        pairs = [tuple(b) for b in batches]
+    except TypeError:
+        raise ValueError(
+            f"batches: expected an (inputs, targets) pair or an iterable of them, got {batches!r}"
+        ) from None
+    if not pairs:
+        raise ValueError("batches: empty; expected an (inputs, targets) pair or an iterable of them")
+    for pair in pairs:
+        if len(pair) != 2 or not isinstance(pair[0], Tensor):
+            raise ValueError("batches: every item must be an (inputs, targets) pair of tensors")
+        if pair[0].shape[0] == 0:
+            raise ValueError("batches: a batch has no samples")
+    return [(x, y) for x, y in pairs]
+
+
+def check_loss(loss: Tensor) -> Tensor:
+    """``loss`` if it is a scalar tensor, else ``ValueError`` (probes need the batch mean)."""
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn must return a scalar (the mean over the batch), got {shape}")
+    return loss
+
+
+def _forward(model: nn.Module, tensors: dict[str, Tensor], x: Tensor, bn: str) -> Tensor:
+    """``model(x)`` with ``tensors`` in place of its parameters/buffers, in norm mode ``bn``."""
+    with norm_mode(model, bn):
+        try:
+            return functional_call(model, tensors, (x,))
+        except ValueError as error:
+            if bn == "batch" and "value per channel" in str(error):
+                raise ValueError(
+                    f"batches: a batch of {x.shape[0]} sample(s) gives a batch-dependent norm layer one "
+                    f"value per channel under bn='batch'; use larger batches or bn='running' ({error})"
+                ) from error
+            raise
+
+
+class FunctionalLoss:
+    """L(θ) = Σ_b n_b L_b(θ) / Σ_b n_b: the sample-weighted mean loss as a pure function of θ.
+
+    θ is the chosen parameters flattened and concatenated in order (``names``); every other
+    parameter and buffer is frozen at its value when this object was made (cloned, so later changes
+    to the model, or the guard restoring it, do not reach here). Call with a flat tensor of
+    shape ``(n,)`` or a ``{name: tensor}`` dict; :meth:`batch_loss` gives one batch's term L_b.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        batches: list[tuple[Tensor, Tensor]],
+        chosen: list[tuple[str, nn.Parameter]],
+        bn: str,
+    ) -> None:
+        if bn not in BN_MODES:
+            raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
+        self.model, self.loss_fn, self.batches, self.bn = model, loss_fn, batches, bn
+        self.names = [n for n, _ in chosen]
+        self.shapes = [tuple(p.shape) for _, p in chosen]
+        self.numels = [p.numel() for _, p in chosen]
+        chosen_names = set(self.names)
+        self.frozen = {
+            n: t.detach().clone()
+            for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if n not in chosen_names
+        }
+        self.theta0 = torch.cat([p.detach().reshape(-1) for _, p in chosen]).clone()
+        self.sizes = [int(x.shape[0]) for x, _ in batches]
+        self.total = sum(self.sizes)
+        self.weights = [n / self.total for n in self.sizes]  # n_b / N
+
+    def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
+        """Flat θ ``(n,)`` → ``{name: tensor of the parameter's shape}`` (views, differentiable)."""
+        if theta.shape != self.theta0.shape:
+            raise ValueError(f"theta must have shape {tuple(self.theta0.shape)}, got {tuple(theta.shape)}")
+        parts = torch.split(theta, self.numels)
+        return {n: t.view(shape) for n, t, shape in zip(self.names, parts, self.shapes, strict=True)}
+
+    def _as_dict(self, theta: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
+        if isinstance(theta, dict):
+            if set(theta) != set(self.names):
+                raise ValueError(f"theta: expected the parameters {self.names}, got {sorted(theta)}")
+            return theta
+        return self.unflatten(theta)
+
+    def batch_loss(self, theta: Tensor | dict[str, Tensor], index: int) -> Tensor:
+        """L_b(θ): ``loss_fn(model(x_b), y_b)`` for batch ``index``."""
+        x, y = self.batches[index]
+        out = _forward(self.model, {**self.frozen, **self._as_dict(theta)}, x, self.bn)
+        return check_loss(self.loss_fn(out, y))
+
+    def __call__(self, theta: Tensor | dict[str, Tensor]) -> Tensor:
+        """L(θ) = Σ_b (n_b/N) L_b(θ)."""
+        return sum(w * self.batch_loss(theta, b) for b, w in enumerate(self.weights))
+
+
+def functional_loss(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    batches: tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]],
+    *,
+    params: nn.Module | Sequence[str] | Sequence[nn.Parameter] | None = None,
+    bn: str = "batch",
+) -> tuple[FunctionalLoss, Tensor]:
+    """``(f, θ₀)``: the weighted mean loss f(θ) = Σ_b n_b L_b(θ) / Σ_b n_b of the chosen parameters.
+
+    L_b(θ) = ``loss_fn(model(x_b; θ, rest), y_b)`` evaluated by ``torch.func.functional_call`` inside
+    :func:`norm_mode` (``bn="batch"``: statistics-free batch statistics; ``"running"``: eval mode), so
+    f is pure: no running statistic moves, no random layer draws, and it composes with ``torch.func``
+    transforms (``grad``, ``jvp``, ``hessian``) as well as with ``torch.autograd``. θ₀ is the flat
+    current value of the chosen parameters (a detached copy). Validates its inputs (``ValueError``).
+    """
+    chosen = resolve_params(model, params)
+    pairs = as_batches(batches)
+    f = FunctionalLoss(model, loss_fn, pairs, chosen, bn)
+    with probe_guard(model), torch.no_grad():
+        for b in range(len(pairs)):  # fail early: non-scalar loss, a batch of one under bn="batch"
+            f.batch_loss(f.theta0, b)
+    return f, f.theta0.clone()

@@ -1,0 +1,203 @@
+"""Hessian probes: extreme eigenvalues, trace, spectral density and outliers of the loss Hessian.
+
+Every function takes ``(model, loss_fn, batches)`` as DESIGN.md describes and measures the Hessian of
+the sample-weighted mean loss over ``batches`` with respect to ``params`` (None: all trainable; a
+submodule, names or parameters: that diagonal block, e.g. one layer). ``bn="batch"`` measures the loss
+the optimizer trains (batch statistics, no running-statistic update), ``bn="running"`` the inference
+network. The model is left exactly as found (:func:`probes.functional.probe_guard`).
+
+Unlike PyHessian, which puts the model in eval mode (so it measures the ``bn="running"`` network) and
+reports the largest-*magnitude* eigenvalue from power iteration as the "top" one, ``which="LA"``
+here is the largest algebraic eigenvalue, found by Lanczos.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import numpy as np
+from torch import Tensor, nn
+
+from probes import spectral
+from probes.hvp import HessianOperator, hessian_operator
+from probes.spectral import EigenResult, SpectralDensity, TraceResult
+
+__all__ = [
+    "EigenResult",
+    "HessianOperator",
+    "OutlierResult",
+    "SpectralDensity",
+    "TraceResult",
+    "hessian_density",
+    "hessian_eigenvalues",
+    "hessian_operator",
+    "hessian_outliers",
+    "hessian_trace",
+]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Batches = tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]]
+Params = nn.Module | Sequence[str] | Sequence[nn.Parameter] | None
+
+
+def _layer_name(params: Params) -> str:
+    """How ``params`` is named in records: "all", a list of names, or a module's class."""
+    if params is None:
+        return "all"
+    if isinstance(params, nn.Module):
+        return type(params).__name__
+    names = [p for p in params if isinstance(p, str)]
+    return ",".join(names) if names else f"{len(list(params))} tensors"
+
+
+def hessian_eigenvalues(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Batches,
+    *,
+    k: int = 1,
+    which: str = "LA",
+    tol: float = 1e-3,
+    params: Params = None,
+    bn: str = "batch",
+    method: str = "lanczos",
+    hvp: str = "auto",
+    max_matvecs: int | None = None,
+    seed: int = 0,
+    return_vectors: bool = False,
+    layer: str | None = None,
+) -> EigenResult:
+    """The ``k`` extreme eigenvalues of ∇²L by Lanczos (``method="lanczos"``, torch, full
+    reorthogonalization; ``"scipy"``: ARPACK ``eigsh``; ``"power"``: power iteration with deflation,
+    kept for comparison).
+
+    ``which``: ``"LA"`` largest algebraic (descending), ``"SA"`` smallest algebraic (ascending),
+    ``"LM"`` largest magnitude. Converged when every Ritz residual ``‖H y − θ y‖ ≤ tol·|θ|``.
+    ``hvp`` picks the Hessian-vector product (:func:`probes.hvp.hessian_operator`).
+    """
+    with hessian_operator(model, loss_fn, batches, params=params, bn=bn, method=hvp) as op:
+        result = spectral.eigenvalues(
+            op,
+            k=k,
+            which=which,
+            tol=tol,
+            method=method,
+            max_matvecs=max_matvecs,
+            seed=seed,
+            return_vectors=return_vectors,
+        )
+    return _relabel(result, layer or _layer_name(params), "hessian_eigenvalues")
+
+
+def hessian_trace(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Batches,
+    *,
+    n_probes: int = 100,
+    method: str = "hutchpp",
+    params: Params = None,
+    bn: str = "batch",
+    hvp: str = "auto",
+    seed: int = 0,
+    layer: str | None = None,
+) -> TraceResult:
+    """tr(∇²L) by Hutch++ (Meyer et al. 2021) or Hutchinson (1989) with ``n_probes`` matvecs.
+
+    Hutchinson: tr H ≈ (1/m) Σ zᵢᵀ H zᵢ with Rademacher zᵢ; Hutch++ computes the trace of the top
+    subspace exactly and applies Hutchinson to the deflated rest. ``stderr`` is the standard error.
+    """
+    with hessian_operator(model, loss_fn, batches, params=params, bn=bn, method=hvp) as op:
+        result = spectral.trace(op, n_probes=n_probes, method=method, seed=seed)
+    return _relabel(result, layer or _layer_name(params), "hessian_trace")
+
+
+def hessian_density(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Batches,
+    *,
+    n_iter: int = 30,
+    n_runs: int = 10,
+    sigma: float | None = None,
+    grid: np.ndarray | None = None,
+    params: Params = None,
+    bn: str = "batch",
+    hvp: str = "auto",
+    seed: int = 0,
+    layer: str | None = None,
+) -> SpectralDensity:
+    """Spectral density of ∇²L by stochastic Lanczos quadrature (Ghorbani et al. 2019).
+
+    ``n_runs`` Lanczos runs of ``n_iter`` steps from random unit vectors; each gives Ritz values θⱼ
+    and weights τⱼ² (squared first components of T's eigenvectors); the density
+    φ(t) = (1/runs) Σ τⱼ² N(t; θⱼ, σ²) integrates to 1.
+    """
+    with hessian_operator(model, loss_fn, batches, params=params, bn=bn, method=hvp) as op:
+        result = spectral.density(op, n_iter=n_iter, n_runs=n_runs, sigma=sigma, grid=grid, seed=seed)
+    return _relabel(result, layer or _layer_name(params), "hessian_density")
+
+
+@dataclass(frozen=True)
+class OutlierResult:
+    """Ghorbani, Krishnan & Xiao (2019): the top-K outlier eigenvalues and how the gradient aligns.
+
+    ``ratio`` = λ₁/λ_K; ``gradient_fraction`` = ‖Vᵀg‖²/‖g‖² for the top-K eigenvectors V.
+    """
+
+    values: np.ndarray
+    ratio: float
+    gradient_fraction: float
+    n_matvecs: int
+    converged: bool
+    layer: str = "all"
+
+    def to_records(self) -> list[dict[str, Any]]:
+        base = {"probe": "hessian_outliers", "layer": self.layer}
+        rows = [
+            {**base, "metric": "eigenvalue_LA", "index": i, "value": float(v)}
+            for i, v in enumerate(self.values)
+        ]
+        rows += [
+            {**base, "metric": "outlier_ratio", "value": self.ratio},
+            {**base, "metric": "gradient_fraction_top", "value": self.gradient_fraction},
+            {**base, "metric": "n_matvecs", "value": float(self.n_matvecs)},
+            {**base, "metric": "converged", "value": float(self.converged)},
+        ]
+        return rows
+
+
+def hessian_outliers(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Batches,
+    *,
+    num_classes: int,
+    tol: float = 1e-3,
+    params: Params = None,
+    bn: str = "batch",
+    hvp: str = "auto",
+    seed: int = 0,
+    layer: str | None = None,
+) -> OutlierResult:
+    """The outlier measures of Ghorbani et al. 2019 from the top-``num_classes`` eigenpairs of ∇²L."""
+    with hessian_operator(model, loss_fn, batches, params=params, bn=bn, method=hvp) as op:
+        eig = spectral.eigenvalues(op, k=num_classes, which="LA", tol=tol, seed=seed, return_vectors=True)
+        gradient = op.gradient()
+    return OutlierResult(
+        values=eig.values,
+        ratio=spectral.outlier_ratio(eig.values, num_classes),
+        gradient_fraction=spectral.gradient_fraction_in_top_subspace(gradient, eig.vectors),
+        n_matvecs=eig.n_matvecs,
+        converged=eig.converged,
+        layer=layer or _layer_name(params),
+    )
+
+
+def _relabel(result: Any, layer: str, probe: str) -> Any:
+    """The spectral result, named for the records as a Hessian probe of ``layer``."""
+    names = {f.name for f in fields(result)}
+    changes = {k: v for k, v in (("layer", layer), ("probe", probe)) if k in names}
+    return replace(result, **changes)

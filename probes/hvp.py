@@ -1,0 +1,230 @@
+"""Hessian-vector products of the training loss: the operator every spectral probe is built on.
+
+H = ∇²_θ L(θ) with L(θ) = Σ_b n_b L_b(θ) / Σ_b n_b (DESIGN.md), so H v = Σ_b (n_b/N) H_b v. Two exact ways:
+
+* **double backward** (Pearlmutter 1994): g_b = ∇L_b built once with ``create_graph=True``, then
+  H_b v = ∇_θ ⟨g_b, v⟩ = ``autograd.grad(g_b, θ, grad_outputs=v, retain_graph=True)`` for every v;
+* **forward-over-reverse**: H_b v = ∂/∂ε ∇L_b(θ + εv) = ``torch.func.jvp(torch.func.grad(L_b), (θ,), (v,))``.
+
+Both differentiate :func:`probes.functional.functional_loss`, i.e. ``functional_call`` in
+:func:`~probes.functional.norm_mode`: with ``bn="batch"`` batch-dependent norms use the batch's statistics
+(the loss the optimizer sees, unlike PyHessian's eval mode) without updating running statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator
+from torch import Tensor, nn
+
+from probes.functional import FunctionalLoss, functional_loss, probe_guard
+
+__all__ = ["METHODS", "HessianOperator", "auto_method", "hessian_operator"]
+
+METHODS = ("auto", "double_backward", "forward_over_reverse")
+
+
+def auto_method(device: torch.device | str) -> str:
+    """The faster exact HVP method on ``device``'s type, as measured (see :func:`hessian_operator`).
+
+    CPU: double backward with one gradient graph reused for all HVPs of a batch. CUDA and others:
+    forward-over-reverse (unmeasured on GPU: the usual finding of the ``torch.func`` docs).
+    """
+    return "double_backward" if torch.device(device).type == "cpu" else "forward_over_reverse"
+
+
+class HessianOperator:
+    """The loss Hessian H (n × n, symmetric) of the chosen parameters as a matrix-free operator.
+
+    ``matvec(v)`` for v of shape ``(n,)`` or ``(n, k)`` (k vectors, k counted in ``n_matvecs``);
+    ``to_scipy()`` a float64 ``scipy.sparse.linalg.LinearOperator``; ``gradient()`` and ``loss()`` of
+    the same weighted loss; ``unflatten(v)`` splits a flat vector into ``{name: tensor}``. Every public
+    call runs under :func:`~probes.functional.probe_guard`, so between calls the model is exactly as
+    the caller left it; ``close()`` (or leaving a ``with`` block) frees the cached gradient graphs.
+    """
+
+    def __init__(self, f: FunctionalLoss, *, method: str, cache_graphs: bool) -> None:
+        self._f = f
+        self.method = method
+        self.cache_graphs = cache_graphs
+        n = f.theta0.numel()
+        self.shape: tuple[int, int] = (n, n)
+        self.dtype: torch.dtype = f.theta0.dtype
+        self.device: torch.device = f.theta0.device
+        self.n_matvecs: int = 0
+        self.param_names: list[str] = list(f.names)
+        self.param_shapes: list[tuple[int, ...]] = list(f.shapes)
+        self._graphs: dict[int, tuple[Tensor, Tensor, float]] = {}  # batch → (θ leaf, g_b with graph, L_b)
+        self._gradient: Tensor | None = None
+        self._loss: float | None = None
+        self._closed = False
+
+    # ---------------------------------------------------------------------------------- public
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """H v for v of shape ``(n,)``, or H V column by column for V of shape ``(n, k)``."""
+        self._check_open()
+        if not isinstance(v, Tensor):
+            v = torch.as_tensor(v)
+        if v.dim() not in (1, 2) or v.shape[0] != self.shape[0]:
+            raise ValueError(
+                f"v must have shape ({self.shape[0]},) or ({self.shape[0]}, k), got {tuple(v.shape)}"
+            )
+        cols = v.to(device=self.device, dtype=self.dtype).reshape(self.shape[0], -1)  # (n, k)
+        with probe_guard(self._f.model):
+            out = self._hvp_columns(cols)
+        self.n_matvecs += cols.shape[1]
+        return out.reshape(v.shape)
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        return self.matvec(v)
+
+    def to_scipy(self) -> LinearOperator:
+        """H as a float64 numpy ``LinearOperator`` (for ``eigsh``); its products count in ``n_matvecs``."""
+
+        def apply(x: np.ndarray) -> np.ndarray:
+            out = self.matvec(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)))
+            return out.detach().cpu().to(torch.float64).numpy()
+
+        return LinearOperator(self.shape, matvec=apply, rmatvec=apply, matmat=apply, dtype=np.float64)
+
+    def gradient(self) -> Tensor:
+        """∇L(θ) = Σ_b (n_b/N) ∇L_b(θ), flat ``(n,)``."""
+        self._check_open()
+        if self._gradient is None:
+            self._evaluate()
+        return self._gradient.clone()
+
+    def loss(self) -> float:
+        """L(θ) = Σ_b (n_b/N) L_b(θ)."""
+        self._check_open()
+        if self._loss is None:
+            self._evaluate()
+        return self._loss
+
+    def unflatten(self, v: Tensor) -> dict[str, Tensor]:
+        """Flat ``(n,)`` → ``{parameter name: tensor of its shape}``."""
+        return {
+            k: t.detach() for k, t in self._f.unflatten(v.to(device=self.device, dtype=self.dtype)).items()
+        }
+
+    def close(self) -> None:
+        """Free the cached gradient graphs; the operator cannot be used afterwards."""
+        self._graphs.clear()
+        self._closed = True
+
+    def __enter__(self) -> HessianOperator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"HessianOperator(shape={self.shape}, method={self.method!r}, n_matvecs={self.n_matvecs})"
+
+    # -------------------------------------------------------------------------------- internals
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the HessianOperator is closed")
+
+    def _graph(self, b: int) -> tuple[Tensor, Tensor, float]:
+        """(θ leaf, g_b = ∇L_b(θ) with its graph, L_b(θ)); cached when ``cache_graphs``.
+
+        θ is a fresh leaf and the frozen tensors are copies, so the graph holds no tensor of the
+        model: the guard's in-place restore cannot invalidate it.
+        """
+        if b in self._graphs:
+            return self._graphs[b]
+        theta = self._f.theta0.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss = self._f.batch_loss(theta, b)
+            (g,) = torch.autograd.grad(loss, theta, create_graph=True)
+        entry = (theta, g, float(loss.detach()))
+        if self.cache_graphs:
+            self._graphs[b] = entry
+        return entry
+
+    def _hvp_columns(self, cols: Tensor) -> Tensor:
+        out = torch.zeros_like(cols)
+        for b, w in enumerate(self._f.weights):
+            if self.method == "double_backward":
+                theta, g, _ = self._graph(b)
+                for j in range(cols.shape[1]):
+                    (hv,) = torch.autograd.grad(g, theta, grad_outputs=cols[:, j], retain_graph=True)
+                    out[:, j] += w * hv.detach()
+            else:
+                grad_b = torch.func.grad(lambda t, b=b: self._f.batch_loss(t, b))
+                for j in range(cols.shape[1]):
+                    _, hv = torch.func.jvp(grad_b, (self._f.theta0,), (cols[:, j],))
+                    out[:, j] += w * hv.detach()
+        return out
+
+    def _evaluate(self) -> None:
+        grad = torch.zeros_like(self._f.theta0)
+        loss = 0.0
+        with probe_guard(self._f.model):
+            for b, w in enumerate(self._f.weights):
+                if self.method == "double_backward" and self.cache_graphs:
+                    _, g, value = self._graph(b)  # the graph the HVPs reuse
+                else:
+                    theta = self._f.theta0.detach().clone().requires_grad_(True)
+                    with torch.enable_grad():
+                        out = self._f.batch_loss(theta, b)
+                        (g,) = torch.autograd.grad(out, theta)
+                    value = float(out.detach())
+                grad += w * g.detach()
+                loss += w * value
+        self._gradient, self._loss = grad, loss
+
+
+def hessian_operator(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    batches: tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]],
+    *,
+    params: nn.Module | Sequence[str] | Sequence[nn.Parameter] | None = None,
+    bn: str = "batch",
+    method: str = "auto",
+    dtype: torch.dtype | None = None,
+    cache_graphs: bool | None = None,
+) -> HessianOperator:
+    """The Hessian H = ∇²_θ L of L(θ) = Σ_b n_b L_b(θ) / Σ_b n_b as a :class:`HessianOperator`.
+
+    ``params`` selects θ (None: all trainable; a submodule, names or parameters: that diagonal block
+    of the full Hessian). ``bn``: ``"batch"`` (the training loss, statistics-free) or ``"running"``.
+    ``method``: ``"double_backward"``, ``"forward_over_reverse"`` or ``"auto"`` (:func:`auto_method`,
+    picked per device type from these measurements: median time of one HVP / one gradient, CPU,
+    2 threads, float32, torch 2.13):
+
+    ================================  ===================  ====================
+    model (batch)                     double backward      forward-over-reverse
+    ================================  ===================  ====================
+    ResNet-20, bn, 3×32×32 (32)       1.90 (3.71 first)    3.54
+    MLP 40-100-100-100-10, bn (256)   1.22 (3.17 first)    3.86
+    ================================  ===================  ====================
+
+    Double backward reuses the batch's gradient graph ("first": the first HVP, building it too).
+    GPU: unmeasured; ``auto`` takes forward-over-reverse there.
+
+    ``cache_graphs`` (default: only with a single batch) keeps each batch's gradient graph for all
+    HVPs; without it each matvec rebuilds the graphs one batch at a time, so only one is held at once.
+    Computation is in the model's dtype: for float64 call ``model.double()`` (and pass float64
+    inputs) first; ``dtype``, if given, must equal it.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    f, theta0 = functional_loss(model, loss_fn, batches, params=params, bn=bn)
+    if dtype is not None and dtype != theta0.dtype:
+        raise ValueError(
+            f"dtype: the model computes in {theta0.dtype}, not {dtype}; convert the model first "
+            f"(e.g. model.double()) — probes compute in the model's dtype"
+        )
+    if method == "auto":
+        method = auto_method(theta0.device)
+    if cache_graphs is None:
+        cache_graphs = len(f.batches) == 1
+    return HessianOperator(f, method=method, cache_graphs=cache_graphs)

@@ -1,0 +1,880 @@
+"""Operator-generic spectral routines: extreme eigenvalues, trace and spectral density.
+
+Everything here works on any *symmetric* linear operator ``op`` with
+
+* ``op.shape == (n, n)``, ``op.dtype``, ``op.device``, an ``op.n_matvecs`` counter,
+* ``op.matvec(v)`` for ``v`` of shape ``(n,)`` or a block ``(n, k)``,
+* ``op.to_scipy()`` returning a float64 :class:`scipy.sparse.linalg.LinearOperator`.
+
+The Hessian operator of :mod:`probes.hvp` has exactly this interface; :class:`MatrixOperator` wraps an
+explicit matrix (tests, references, small problems). The matvec counts reported in results are counted
+here (one per column of a block), independent of how the operator counts.
+
+Methods and papers:
+
+* Lanczos with full reorthogonalization and thick restart (Lanczos 1950; Wu & Simon 2000,
+  "Thick-restart Lanczos method for large symmetric eigenvalue problems"), torch-native so it stays on
+  ``op.device``; ``scipy.sparse.linalg.eigsh`` (ARPACK implicitly restarted Lanczos) as the reference.
+* Power iteration with deflation, as in PyHessian (Yao et al. 2020), kept for comparison.
+* Hutchinson (1989) and Hutch++ (Meyer, Musco, Musco & Woodruff 2021) trace estimators.
+* Stochastic Lanczos quadrature for the spectral density (Golub & Meurant 2010; Ubaru, Chen & Saad 2017;
+  Papyan 2018; Ghorbani, Krishnan & Xiao 2019).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import scipy.sparse.linalg as sla
+import torch
+from torch import Tensor
+
+__all__ = [
+    "EIGEN_METHODS",
+    "TRACE_METHODS",
+    "WHICH",
+    "EigenResult",
+    "LinearOperatorLike",
+    "MatrixOperator",
+    "SpectralDensity",
+    "TraceResult",
+    "density",
+    "eigenvalues",
+    "gradient_fraction_in_top_subspace",
+    "outlier_ratio",
+    "trace",
+]
+
+WHICH = ("LA", "SA", "LM")
+EIGEN_METHODS = ("lanczos", "scipy", "power")
+TRACE_METHODS = ("hutchpp", "hutchinson")
+
+
+def _noise(n: int, scale: float, dtype: torch.dtype) -> float:
+    """Rounding level of a residual ``‖A y − θ y‖`` for ``‖A‖ ≈ scale``: below it a residual counts as
+    converged whatever ``tol`` asks (eigenvalues near 0 cannot meet a relative test)."""
+    return 10.0 * math.sqrt(n) * float(torch.finfo(dtype).eps) * scale
+
+
+class LinearOperatorLike(Protocol):
+    """The interface the routines of this module need (the Hessian operator has it)."""
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    device: torch.device
+    n_matvecs: int
+
+    def matvec(self, v: Tensor) -> Tensor: ...
+
+    def to_scipy(self) -> sla.LinearOperator: ...
+
+
+# --------------------------------------------------------------------------------------------------
+# Explicit-matrix operator
+# --------------------------------------------------------------------------------------------------
+
+
+class MatrixOperator:
+    """A symmetric matrix ``A`` behind the operator interface (``matvec``, ``to_scipy``, ``n_matvecs``).
+
+    ``n_matvecs`` counts products with single vectors: a block ``(n, k)`` counts ``k``.
+    Raises ``ValueError`` naming ``A`` if it is not a square symmetric 2-D matrix.
+    """
+
+    def __init__(self, A: Tensor | np.ndarray, *, device: torch.device | str | None = None) -> None:
+        A = torch.as_tensor(A, device=device)
+        if A.ndim != 2 or A.shape[0] != A.shape[1]:
+            raise ValueError(f"A must be a square matrix, got shape {tuple(A.shape)}")
+        if not A.is_floating_point():
+            A = A.to(torch.float64)
+        scale = float(A.abs().max()) if A.numel() else 0.0
+        if not torch.allclose(
+            A,
+            A.T,
+            rtol=0.0,
+            atol=1e-10 * max(scale, 1.0) if A.dtype == torch.float64 else 1e-5 * max(scale, 1.0),
+        ):
+            raise ValueError("A must be symmetric")
+        self.A = A
+        self.shape: tuple[int, int] = (int(A.shape[0]), int(A.shape[1]))
+        self.dtype = A.dtype
+        self.device = A.device
+        self.n_matvecs = 0
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``A @ v`` for ``v`` of shape ``(n,)`` or ``(n, k)``."""
+        if v.shape[0] != self.shape[0] or v.ndim not in (1, 2):
+            raise ValueError(
+                f"v must have shape ({self.shape[0]},) or ({self.shape[0]}, k), got {tuple(v.shape)}"
+            )
+        self.n_matvecs += 1 if v.ndim == 1 else int(v.shape[1])
+        return self.A @ v.to(dtype=self.dtype, device=self.device)
+
+    def to_scipy(self) -> sla.LinearOperator:
+        """A float64 scipy ``LinearOperator`` whose products go through :meth:`matvec` (and are counted)."""
+
+        def mv(x: np.ndarray) -> np.ndarray:
+            y = self.matvec(torch.as_tensor(np.asarray(x, dtype=np.float64)).to(self.dtype))
+            return y.detach().cpu().to(torch.float64).numpy()
+
+        return sla.LinearOperator(self.shape, matvec=mv, matmat=mv, rmatvec=mv, dtype=np.float64)
+
+
+# --------------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EigenResult:
+    """Extreme eigenvalues of a symmetric operator.
+
+    ``values`` are sorted as ``which`` asks: ``"LA"`` descending, ``"SA"`` ascending, ``"LM"`` by
+    descending ``|λ|`` with the sign kept. ``vectors`` (``(n, k)``, orthonormal columns, column ``i``
+    belongs to ``values[i]``) only with ``return_vectors=True``. ``n_matvecs`` counts single-vector
+    products; ``converged`` is true only if every wanted value met the tolerance.
+    """
+
+    values: np.ndarray
+    vectors: np.ndarray | None
+    n_matvecs: int
+    converged: bool
+    which: str
+    method: str = ""
+    layer: str = "all"
+    probe: str = "eigenvalues"
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """Tidy rows: one per eigenvalue (with ``index``), plus ``n_matvecs`` and ``converged``."""
+        base = {"probe": self.probe, "layer": self.layer}
+        rows = [
+            {**base, "metric": f"eigenvalue_{self.which}", "index": i, "value": float(v)}
+            for i, v in enumerate(self.values)
+        ]
+        rows.append({**base, "metric": "n_matvecs", "value": int(self.n_matvecs)})
+        rows.append({**base, "metric": "converged", "value": bool(self.converged)})
+        return rows
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    """Stochastic trace estimate ``value ± stderr`` after ``n_matvecs`` products."""
+
+    value: float
+    stderr: float
+    n_matvecs: int
+    method: str = ""
+    layer: str = "all"
+    probe: str = "trace"
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """Tidy rows: ``trace``, ``trace_stderr``, ``n_matvecs``."""
+        base = {"probe": self.probe, "layer": self.layer}
+        return [
+            {**base, "metric": "trace", "value": float(self.value)},
+            {**base, "metric": "trace_stderr", "value": float(self.stderr)},
+            {**base, "metric": "n_matvecs", "value": int(self.n_matvecs)},
+        ]
+
+
+@dataclass(frozen=True)
+class SpectralDensity:
+    """Stochastic Lanczos quadrature of the spectral density ``φ(t) = (1/n) Σ_i δ(t − λ_i)``.
+
+    ``nodes`` and ``weights`` have shape ``(n_runs, n_iter)``: run ``r``'s Ritz values and the squared
+    first components of the eigenvectors of its tridiagonal matrix, divided by ``n_runs`` so that all
+    weights sum to 1 (a run that broke down early, its Krylov space exhausted, is padded with zero
+    weights). ``density`` is the Gaussian-smoothed ``Σ w_j N(grid; θ_j, sigma²)`` on ``grid``.
+    """
+
+    nodes: np.ndarray
+    weights: np.ndarray
+    grid: np.ndarray
+    density: np.ndarray
+    sigma: float = float("nan")
+    n_matvecs: int = 0
+    layer: str = "all"
+    probe: str = "density"
+
+    def moment(self, j: int) -> float:
+        """Quadrature estimate ``Σ w θ^j`` of ``tr(A^j)/n`` (exact in expectation for ``j < 2·n_iter``)."""
+        return float(np.sum(self.weights * self.nodes.astype(np.float64) ** j))
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """Tidy rows: one per quadrature node (``node``, ``run``, ``index``, value = weight), one per
+        grid point (``x``, value = density), plus ``sigma`` and ``n_matvecs``."""
+        base = {"probe": self.probe, "layer": self.layer}
+        rows: list[dict[str, Any]] = []
+        for r in range(self.nodes.shape[0]):
+            for i in range(self.nodes.shape[1]):
+                rows.append(
+                    {
+                        **base,
+                        "metric": "slq_weight",
+                        "run": r,
+                        "index": i,
+                        "node": float(self.nodes[r, i]),
+                        "value": float(self.weights[r, i]),
+                    }
+                )
+        rows += [
+            {**base, "metric": "density", "x": float(x), "value": float(d)}
+            for x, d in zip(self.grid, self.density, strict=True)
+        ]
+        rows.append({**base, "metric": "sigma", "value": float(self.sigma)})
+        rows.append({**base, "metric": "n_matvecs", "value": int(self.n_matvecs)})
+        return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+class _Counted:
+    """Calls ``op.matvec`` and counts single-vector products (a block of ``k`` columns counts ``k``)."""
+
+    def __init__(self, op: LinearOperatorLike) -> None:
+        self.op = op
+        self.count = 0
+
+    def __call__(self, v: Tensor) -> Tensor:
+        self.count += 1 if v.ndim == 1 else int(v.shape[1])
+        return self.op.matvec(v)
+
+
+def _size(op: LinearOperatorLike) -> int:
+    shape = tuple(op.shape)
+    if len(shape) != 2 or shape[0] != shape[1]:
+        raise ValueError(f"op must be square, got shape {shape}")
+    return int(shape[0])
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    # Own generator: never touches the global RNG (probes must leave it alone).
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed))
+    return g
+
+
+def _randn(n: int, b: int, g: torch.Generator, op: LinearOperatorLike) -> Tensor:
+    return torch.randn(n, b, generator=g, dtype=op.dtype, device=op.device)
+
+
+def _rademacher(n: int, b: int, g: torch.Generator, op: LinearOperatorLike) -> Tensor:
+    bits = torch.randint(0, 2, (n, b), generator=g, device=op.device)
+    return (2 * bits - 1).to(op.dtype)
+
+
+def _order(theta: np.ndarray, which: str) -> np.ndarray:
+    """Indices of ``theta`` from most to least wanted."""
+    if which == "LA":
+        return np.argsort(-theta, kind="stable")
+    if which == "SA":
+        return np.argsort(theta, kind="stable")
+    return np.argsort(-np.abs(theta), kind="stable")
+
+
+def _check_which(which: str) -> None:
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+
+
+def _check_positive(name: str, value: float, *, strict: bool = True) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < 0 or (strict and value == 0):
+        raise ValueError(f"{name} must be {'> 0' if strict else '>= 0'}, got {value!r}")
+
+
+def _blas_one_thread() -> Any:
+    """Context limiting BLAS to one thread around scipy's ``eigsh`` (DESIGN.md: OpenBLAS's threads fought
+    torch's). ``threadpoolctl`` when installed, otherwise a no-op (``OPENBLAS_NUM_THREADS`` is only read
+    when the library loads, so setting it here would do nothing)."""
+    try:
+        from threadpoolctl import threadpool_limits  # optional dependency
+    except ImportError:  # pragma: no cover - depends on the environment
+        return nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _orthonormalize_block(
+    W: Tensor, bases: list[Tensor], g: torch.Generator, op: LinearOperatorLike, scale: float
+) -> tuple[Tensor, Tensor, int]:
+    """Orthonormalize the columns of ``W`` (n, b) against each other; ``W`` is already orthogonal to the
+    ``bases`` (each (n, ·), orthonormal columns). Returns ``Q`` (n, b), upper-triangular ``R`` (b, b)
+    with ``W ≈ Q R``, and the number of vanished columns. A vanished column (breakdown: it lies in the
+    span already built) gets ``R_jj = 0`` and is replaced by a fresh random direction orthogonal to the
+    bases and to the previous columns."""
+    n, b = W.shape
+    Q = torch.empty_like(W)
+    R = torch.zeros(b, b, dtype=torch.float64)
+    tiny = (1e-10 if op.dtype == torch.float64 else 1e-5) * max(scale, 1e-300)
+    broken = 0
+    for j in range(b):
+        w = W[:, j].clone()
+        if j:
+            for _ in range(2):  # twice is enough (Giraud et al. 2005)
+                c = Q[:, :j].T @ w
+                w = w - Q[:, :j] @ c
+                R[:j, j] += c.double().cpu()
+        nrm = float(torch.linalg.vector_norm(w))
+        if nrm > tiny:
+            R[j, j] = nrm
+            Q[:, j] = w / nrm
+            continue
+        broken += 1  # R[j, j] stays 0: the column is (numerically) in the span built so far
+        for _ in range(3):
+            w = _randn(n, 1, g, op)[:, 0]
+            for _ in range(2):
+                for B in [*bases, Q[:, :j]]:
+                    if B.shape[1]:
+                        w = w - B @ (B.T @ w)
+            nrm = float(torch.linalg.vector_norm(w))
+            if nrm > 1e-8:
+                break
+        Q[:, j] = w / nrm
+    return Q, R, broken
+
+
+# --------------------------------------------------------------------------------------------------
+# Eigenvalues
+# --------------------------------------------------------------------------------------------------
+
+
+def eigenvalues(
+    op: LinearOperatorLike,
+    *,
+    k: int = 1,
+    which: str = "LA",
+    tol: float = 1e-3,
+    method: str = "lanczos",
+    max_matvecs: int | None = None,
+    seed: int = 0,
+    return_vectors: bool = False,
+    ncv: int | None = None,
+    block_size: int = 1,
+) -> EigenResult:
+    """The ``k`` extreme eigenvalues of a symmetric operator.
+
+    ``which``: ``"LA"`` largest algebraic (descending), ``"SA"`` smallest algebraic (ascending),
+    ``"LM"`` largest magnitude (descending ``|λ|``, sign kept).
+
+    Convergence (all methods but ``"scipy"``, whose ARPACK test is the same): a Ritz pair ``(θ, y)`` is
+    converged when its residual ``‖A y − θ y‖ ≤ max(tol · |θ|, 10 √n · eps · ‖A‖)`` (the second term,
+    the rounding level, lets eigenvalues at 0 converge). For Lanczos the residual
+    is ``β_m |s_{m,i}|`` (``‖R_m S_{last block, i}‖`` for a block), the last component of the
+    eigenvector ``s_i`` of the projected matrix ``T_m`` (Parlett, *The Symmetric Eigenvalue Problem*,
+    §13.2). The eigenvalue error is then at most the residual, and ``≈ residual²/gap`` (Kato–Temple), so
+    values are far more accurate than ``tol``.
+
+    Methods:
+
+    * ``"lanczos"``: torch-native Lanczos with full (twice-iterated Gram–Schmidt) reorthogonalization,
+      grown up to ``ncv`` basis vectors (default ``min(n, max(2k + 20, 40))``) and then thick-restarted
+      (Wu & Simon 2000) keeping the most wanted Ritz vectors. Stays on ``op.device`` and in ``op.dtype``
+      (only the small projected matrix goes to the CPU). Exhausted Krylov spaces (low rank, ``m = n``)
+      continue with a fresh random direction. Single-vector Krylov spaces see only one copy of an
+      *exactly* repeated eigenvalue; rounding and restarts usually expose the others, but for certainty
+      use ``block_size`` ≥ the multiplicity (block Lanczos).
+    * ``"scipy"``: ``scipy.sparse.linalg.eigsh(op.to_scipy(), k, which, tol, v0)`` (ARPACK), with BLAS
+      limited to one thread. ``max_matvecs`` maps to ARPACK's ``maxiter`` (restarts), so the budget is
+      approximate there; ``ArpackNoConvergence`` gives ``converged=False`` and the values it had.
+    * ``"power"``: power iteration with deflation ``A − Σ_j λ_j u_j u_jᵀ`` (PyHessian, Yao et al. 2020).
+      Power iteration converges to the eigenvalue of largest *magnitude*: this is why PyHessian's "top"
+      eigenvalue can be negative. Here ``"LM"`` is plain power iteration; ``"LA"`` / ``"SA"`` run it on
+      the shifted ``±(A ∓ ρ I)`` with ``ρ`` the spectral radius from a first ``"LM"`` run (so they cost
+      more matvecs and converge more slowly).
+
+    ``max_matvecs`` (default ``max(2000, 200 k)``) caps the products; when it stops the iteration before
+    every wanted value converged, ``converged`` is False and the best current estimates are returned.
+    The start vectors come from ``torch.Generator`` seeded with ``seed`` (the global RNG is untouched).
+
+    Raises ``ValueError`` naming the argument for ``k`` outside ``1 ≤ k < n``, unknown ``which`` or
+    ``method``, non-positive ``tol`` / ``max_matvecs`` / ``block_size``.
+    """
+    n = _size(op)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k >= n:
+        raise ValueError(f"k must be an integer with 1 <= k < n = {n}, got {k!r}")
+    _check_which(which)
+    if method not in EIGEN_METHODS:
+        raise ValueError(f"method must be one of {EIGEN_METHODS}, got {method!r}")
+    _check_positive("tol", tol)
+    if max_matvecs is None:
+        max_matvecs = max(2000, 200 * k)
+    if not isinstance(max_matvecs, int) or isinstance(max_matvecs, bool) or max_matvecs < 1:
+        raise ValueError(f"max_matvecs must be a positive integer, got {max_matvecs!r}")
+    if not isinstance(block_size, int) or block_size < 1 or block_size > n:
+        raise ValueError(f"block_size must be an integer in [1, n], got {block_size!r}")
+    if ncv is not None and (not isinstance(ncv, int) or ncv <= k or ncv > n):
+        raise ValueError(f"ncv must be an integer with k < ncv <= n, got {ncv!r}")
+
+    if method == "scipy":
+        vals, vecs, count, converged = _eigsh(op, k, which, tol, max_matvecs, seed)
+    elif method == "power":
+        vals, vecs, count, converged = _power(op, k, which, tol, max_matvecs, seed)
+    else:
+        vals, vecs, count, converged = _lanczos(op, k, which, tol, max_matvecs, seed, ncv, block_size)
+    idx = _order(vals, which)
+    vals = vals[idx]
+    vectors = vecs[:, idx] if (return_vectors and vecs is not None) else None
+    return EigenResult(
+        values=vals, vectors=vectors, n_matvecs=count, converged=bool(converged), which=which, method=method
+    )
+
+
+def _more_wanted(a: float, b: float, which: str, margin: float) -> bool:
+    """Whether ``a`` is more wanted than ``b`` by more than ``margin``."""
+    if which == "LA":
+        return a > b + margin
+    if which == "SA":
+        return a < b - margin
+    return abs(a) > abs(b) + margin
+
+
+def _lanczos(
+    op: LinearOperatorLike,
+    k: int,
+    which: str,
+    tol: float,
+    max_matvecs: int,
+    seed: int,
+    ncv: int | None,
+    b: int,
+) -> tuple[np.ndarray, np.ndarray, int, bool]:
+    """Lanczos runs with locking of exact invariant subspaces.
+
+    A run (:func:`_lanczos_run`) ends when the wanted Ritz values converge, the budget is spent, or the
+    Krylov space becomes invariant (breakdown: low rank, or a start vector without components in some
+    eigenspaces). On breakdown every Ritz pair of the run is exact and holds one copy of each distinct
+    eigenvalue of the operator restricted to the complement of the locked vectors (the random start has
+    components in all of them): those pairs are locked and a new run starts on the complement, until a
+    run converges or a breakdown run finds nothing more wanted than the k-th locked value (this finds
+    every copy of a repeated eigenvalue of an exactly low-rank operator, e.g. all zeros for ``"SA"``)."""
+    n = _size(op)
+    A = _Counted(op)
+    g = _generator(op.device, seed)
+    X = torch.zeros(n, 0, dtype=op.dtype, device=op.device)  # locked, exact eigenvectors
+    locked = np.zeros(0)
+    scale = 0.0
+    while True:
+        theta, Y, converged, breakdown, scale = _lanczos_run(
+            A, g, op, X, k, which, tol, max_matvecs, ncv, b, scale
+        )
+        if not breakdown:
+            vals = np.concatenate([locked, theta])
+            vecs = torch.cat([X, Y], dim=1)
+            break
+        order = _order(locked, which)
+        margin = _noise(n, scale, op.dtype)
+        if len(theta) == 0 or (
+            locked.size >= k
+            and not _more_wanted(
+                float(theta[_order(theta, which)[0]]), float(locked[order[k - 1]]), which, margin
+            )
+        ):
+            vals, vecs, converged = locked, X, True
+            break
+        locked = np.concatenate([locked, theta])
+        X = torch.cat([X, Y], dim=1)
+        if X.shape[1] >= n:
+            vals, vecs, converged = locked, X, True
+            break
+        if A.count >= max_matvecs:
+            vals, vecs, converged = locked, X, locked.size >= k and False
+            break
+    order = _order(vals, which)[:k]
+    return (
+        vals[order].copy(),
+        vecs[:, order].double().cpu().numpy(),
+        A.count,
+        bool(converged) and order.size == k,
+    )
+
+
+def _lanczos_run(
+    A: _Counted,
+    g: torch.Generator,
+    op: LinearOperatorLike,
+    X: Tensor,
+    k: int,
+    which: str,
+    tol: float,
+    max_matvecs: int,
+    ncv: int | None,
+    b: int,
+    scale: float,
+) -> tuple[np.ndarray, Tensor, bool, bool, float]:
+    """One thick-restart block Lanczos run with full reorthogonalization (block size ``b``; ``b = 1`` is
+    plain Lanczos) on the complement of the locked vectors ``X``. Keeps
+    ``A V_m = V_m T_m + Q_{m+1} R_m E_mᵀ`` with ``V_m`` orthonormal and orthogonal to ``X``,
+    ``T_m = V_mᵀ A V_m`` (block tridiagonal, or arrowhead + tridiagonal after a restart).
+
+    Returns ``(theta, Y, converged, breakdown, scale)``: the wanted Ritz values and vectors (all of them
+    on breakdown), whether they converged, whether the Krylov space became invariant, and the largest
+    ``|θ|`` seen."""
+    n = _size(op)
+    n_free = n - X.shape[1]  # dimension of the complement
+    k_run = min(k, n_free)
+    m_max = ncv if ncv is not None else max(2 * k + 20, 40)
+    m_max = min(n_free, max(m_max, k_run + 2 * b))  # room for k kept vectors and two blocks
+    V = torch.zeros(n, m_max + b, dtype=op.dtype, device=op.device)  # basis and the next block
+    T = np.zeros((m_max + b, m_max + b))
+    Q0 = _randn(n, min(b, n_free), g, op)
+    for _ in range(2):
+        Q0 = Q0 - X @ (X.T @ Q0)
+    Q0, _ = torch.linalg.qr(Q0)
+    V[:, : Q0.shape[1]] = Q0
+    m = 0  # columns of V whose products are in T
+    nb = Q0.shape[1]  # width of the next block
+    while True:
+        bb = nb
+        Qb = V[:, m : m + bb]
+        W = A(Qb) if b > 1 else A(Qb[:, 0])[:, None]  # (n, bb); plain vectors for b = 1
+        Vm = V[:, : m + bb]
+        h = Vm.T @ W
+        W = W - Vm @ h  # full reorthogonalization, twice: W <- (I - V Vᵀ)(I - X Xᵀ) W
+        h2 = Vm.T @ W
+        W = W - Vm @ h2
+        if X.shape[1]:
+            for _ in range(2):
+                W = W - X @ (X.T @ W)
+        hc = (h + h2).double().cpu().numpy()  # (m + bb, bb) = T[:m+bb, m:m+bb]
+        T[: m + bb, m : m + bb] = hc
+        T[m : m + bb, : m + bb] = hc.T
+        m += bb
+        theta, S = np.linalg.eigh(0.5 * (T[:m, :m] + T[:m, :m].T))
+        scale = max(scale, float(np.abs(theta).max()))
+        order = _order(theta, which)
+        if m >= n_free:  # the basis spans the complement: the Ritz pairs are exact
+            return theta, V[:, :m] @ torch.as_tensor(S, dtype=op.dtype, device=op.device), True, True, scale
+        Qn, R, broken = _orthonormalize_block(W, [X, V[:, :m]], g, op, scale)
+        if broken == bb:  # invariant subspace: every Ritz pair is exact
+            return theta, V[:, :m] @ torch.as_tensor(S, dtype=op.dtype, device=op.device), True, True, scale
+        Rn = R.numpy()
+        res = np.linalg.norm(Rn @ S[m - bb : m, :], axis=0)  # ‖R_m S[last block, i]‖ = ‖A y_i − θ_i y_i‖
+        want = order[:k_run]
+        bound = np.maximum(tol * np.abs(theta[want]), _noise(n, scale, op.dtype))
+        converged = bool(np.all(res[want] <= bound))
+        nb = min(b, n_free - m)
+        if converged or A.count + nb > max_matvecs:
+            Y = V[:, :m] @ torch.as_tensor(S[:, want], dtype=op.dtype, device=op.device)
+            return theta[want], Y, converged, False, scale
+        if m + nb > m_max:  # thick restart (Wu & Simon 2000): keep the p most wanted Ritz vectors
+            p = max(k_run, min(m_max - 2 * b, k_run + (m_max - k_run) // 2))
+            keep = order[:p]
+            V[:, :p] = V[:, :m] @ torch.as_tensor(S[:, keep], dtype=op.dtype, device=op.device)
+            coupling = Rn @ S[m - bb : m, keep]  # (bb, p) = Q_{m+1}ᵀ A V_new
+            T[:] = 0.0
+            T[np.arange(p), np.arange(p)] = theta[keep]
+            T[p : p + bb, :p] = coupling
+            T[:p, p : p + bb] = coupling.T
+            m = p
+        V[:, m : m + nb] = Qn[:, :nb]
+
+
+def _eigsh(
+    op: LinearOperatorLike, k: int, which: str, tol: float, max_matvecs: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, int, bool]:
+    n = _size(op)
+    base = op.to_scipy()
+    count = 0
+
+    def mv(x: np.ndarray) -> np.ndarray:
+        nonlocal count
+        count += 1 if x.ndim == 1 or x.shape[1] == 1 else x.shape[1]
+        return np.asarray(base.matmat(x) if x.ndim == 2 else base.matvec(x))
+
+    lin = sla.LinearOperator((n, n), matvec=mv, matmat=mv, dtype=np.float64)
+    v0 = np.random.default_rng(seed).standard_normal(n)
+    ncv = min(n, max(2 * k + 1, 20))
+    maxiter = max(1, max_matvecs // max(ncv - k, 1))
+    with _blas_one_thread():
+        try:
+            vals, vecs = sla.eigsh(lin, k=k, which=which, tol=tol, v0=v0, ncv=ncv, maxiter=maxiter)
+            converged = True
+        except sla.ArpackNoConvergence as err:
+            vals, vecs = err.eigenvalues, err.eigenvectors
+            converged = False
+    return np.asarray(vals, dtype=np.float64), np.asarray(vecs), count, converged
+
+
+def _power(
+    op: LinearOperatorLike, k: int, which: str, tol: float, max_matvecs: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, int, bool]:
+    """Power iteration with deflation on ``B = s (A + c I)``: ``s = 1, c = 0`` for LM, ``s = 1, c = ρ`` for
+    LA, ``s = −1, c = −ρ`` for SA (``ρ`` = spectral radius from a first LM run)."""
+    n = _size(op)
+    A = _Counted(op)
+    g = _generator(op.device, seed)
+    s, c = 1.0, 0.0
+    if which != "LM":
+        rho_vals, _, _, _ = _power_core(A, n, 1, 1.0, 0.0, tol, max_matvecs, g, op)
+        rho = abs(float(rho_vals[0])) * (1 + 2 * tol)  # |λ|max, padded by its accuracy
+        s, c = (1.0, rho) if which == "LA" else (-1.0, -rho)
+    vals, vecs, conv, _ = _power_core(A, n, k, s, c, tol, max_matvecs, g, op)
+    return vals, vecs, A.count, conv
+
+
+def _power_core(
+    A: _Counted,
+    n: int,
+    k: int,
+    s: float,
+    c: float,
+    tol: float,
+    max_matvecs: int,
+    g: torch.Generator,
+    op: LinearOperatorLike,
+) -> tuple[np.ndarray, np.ndarray, bool, int]:
+    U = torch.zeros(n, 0, dtype=op.dtype, device=op.device)
+    mus: list[float] = []  # eigenvalues of B, for deflation
+    lams: list[float] = []  # eigenvalues of A
+    all_conv = True
+    for _ in range(k):
+        v = _randn(n, 1, g, op)[:, 0]
+        v = v - U @ (U.T @ v)
+        v = v / torch.linalg.vector_norm(v)
+        lam, mu, conv = float("nan"), 0.0, False
+        while A.count < max_matvecs:
+            w = s * (A(v) + c * v)
+            if U.shape[1]:
+                w = w - U @ (torch.tensor(mus, dtype=op.dtype, device=op.device) * (U.T @ v))
+            mu = float(v @ w)
+            lam = s * mu - c
+            res = float(torch.linalg.vector_norm(w - mu * v))  # = ‖A v − λ v‖ (deflated)
+            nrm = float(torch.linalg.vector_norm(w))
+            if nrm == 0.0:  # v in the null space of the deflated B
+                conv = True
+                break
+            v = w / nrm
+            if res <= max(tol * abs(lam), _noise(n, max(abs(c), abs(mu)), op.dtype)):
+                conv = True
+                break
+        all_conv = all_conv and conv
+        mus.append(mu if math.isfinite(lam) else 0.0)
+        lams.append(lam)
+        U = torch.cat([U, v[:, None]], dim=1)
+    return np.asarray(lams), U.double().cpu().numpy(), all_conv, A.count
+
+
+# --------------------------------------------------------------------------------------------------
+# Trace
+# --------------------------------------------------------------------------------------------------
+
+
+def trace(
+    op: LinearOperatorLike,
+    *,
+    n_probes: int = 100,
+    method: str = "hutchpp",
+    seed: int = 0,
+    chunk: int = 64,
+) -> TraceResult:
+    """Stochastic estimate of ``tr(A)`` from ``n_probes`` matvecs, in blocks of at most ``chunk`` columns.
+
+    * ``"hutchinson"`` (Hutchinson 1989): ``tr(A) ≈ (1/m) Σ_i z_iᵀ A z_i`` with Rademacher ``z_i``;
+      ``stderr = std(z_iᵀ A z_i) / √m`` (sample std, ``ddof=1``). Variance ``2(‖A‖_F² − Σ A_ii²)/m``.
+    * ``"hutchpp"`` (Meyer, Musco, Musco & Woodruff 2021, "Hutch++: optimal stochastic trace
+      estimation"): with ``s = ⌊m/3⌋``, ``Q = orth(A S)`` for Rademacher ``S ∈ R^{n×s}``, and the
+      remaining ``m − 2s`` Rademacher probes ``G``,
+      ``tr(A) ≈ tr(Qᵀ A Q) + (1/(m−2s)) Σ_i g_iᵀ (I − QQᵀ) A (I − QQᵀ) g_i``.
+      The first term is exact given ``Q``; ``stderr`` is Hutchinson's on the deflated residual
+      ``(I − QQᵀ) A (I − QQᵀ)`` (conditional on ``Q``). It needs ``m ≥ 4``. When ``A`` is dominated by
+      a few large eigenvalues the deflated residual is small and so is the error: ``O(1/m)`` instead of
+      ``O(1/√m)``.
+
+    Raises ``ValueError`` naming ``n_probes`` (``≥ 2`` for Hutchinson, ``≥ 4`` for Hutch++) or ``method``.
+    """
+    n = _size(op)
+    if method not in TRACE_METHODS:
+        raise ValueError(f"method must be one of {TRACE_METHODS}, got {method!r}")
+    need = 4 if method == "hutchpp" else 2
+    if not isinstance(n_probes, int) or isinstance(n_probes, bool) or n_probes < need:
+        raise ValueError(f"n_probes must be an integer >= {need} for method={method!r}, got {n_probes!r}")
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+    A = _Counted(op)
+    g = _generator(op.device, seed)
+
+    def block_apply(X: Tensor) -> Tensor:  # (n, b) -> (n, b), in chunks of columns
+        return torch.cat([A(X[:, i : i + chunk]) for i in range(0, X.shape[1], chunk)], dim=1)
+
+    def hutchinson(m: int, Q: Tensor | None) -> np.ndarray:
+        samples = []
+        for i in range(0, m, chunk):
+            Z = _rademacher(n, min(chunk, m - i), g, op)
+            if Q is not None:
+                Z = Z - Q @ (Q.T @ Z)
+            samples.append((Z * A(Z)).sum(0))  # z_iᵀ A z_i for each column
+        return torch.cat(samples).double().cpu().numpy()
+
+    if method == "hutchinson":
+        x = hutchinson(n_probes, None)
+        return TraceResult(float(x.mean()), float(x.std(ddof=1) / math.sqrt(x.size)), A.count, method)
+
+    s = n_probes // 3
+    m_res = n_probes - 2 * s
+    S = _rademacher(n, min(s, n), g, op)
+    Q, _ = torch.linalg.qr(block_apply(S))  # (n, s) orthonormal
+    exact = float(torch.sum(Q * block_apply(Q)))  # tr(Qᵀ A Q)
+    x = hutchinson(m_res, Q)
+    return TraceResult(exact + float(x.mean()), float(x.std(ddof=1) / math.sqrt(x.size)), A.count, method)
+
+
+# --------------------------------------------------------------------------------------------------
+# Spectral density
+# --------------------------------------------------------------------------------------------------
+
+
+def _lanczos_tridiagonal(
+    matvec: Callable[[Tensor], Tensor], v: Tensor, m: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``m`` steps of Lanczos from unit ``v`` with full reorthogonalization; returns ``(alpha, beta)`` of
+    the tridiagonal ``T`` (shorter if the Krylov space is exhausted: ``β_j ≈ 0``)."""
+    n = v.shape[0]
+    V = torch.zeros(n, m, dtype=v.dtype, device=v.device)
+    V[:, 0] = v
+    alpha: list[float] = []
+    beta: list[float] = []
+    for j in range(m):
+        w = matvec(V[:, j])
+        a = float(V[:, j] @ w)
+        alpha.append(a)
+        for _ in range(2):  # full reorthogonalization against V[:, :j+1]
+            w = w - V[:, : j + 1] @ (V[:, : j + 1].T @ w)
+        if j == m - 1:
+            break
+        b = float(torch.linalg.vector_norm(w))
+        scale = max(abs(x) for x in alpha + beta) if (alpha or beta) else 1.0
+        if b <= 1e-10 * max(scale, 1e-300):  # invariant subspace: quadrature is exact
+            break
+        beta.append(b)
+        V[:, j + 1] = w / b
+    return np.asarray(alpha), np.asarray(beta)
+
+
+def density(
+    op: LinearOperatorLike,
+    *,
+    n_iter: int = 30,
+    n_runs: int = 10,
+    sigma: float | None = None,
+    grid: np.ndarray | None = None,
+    seed: int = 0,
+    n_grid: int = 1001,
+) -> SpectralDensity:
+    """Spectral density ``φ(t) = (1/n) Σ_i δ(t − λ_i)`` by stochastic Lanczos quadrature (SLQ).
+
+    For each of ``n_runs`` Rademacher start vectors ``v = z/‖z‖``, ``n_iter`` Lanczos steps (full
+    reorthogonalization) give ``T = S diag(θ) Sᵀ``; Gauss quadrature gives
+    ``vᵀ f(A) v ≈ Σ_j (S_{1j})² f(θ_j)``, exact for polynomials of degree ``< 2·n_iter``, and
+    ``E[vᵀ f(A) v] = tr f(A)/n``. Averaging the runs gives nodes ``θ`` and weights ``w`` (sum 1);
+    ``Σ w θ^j`` estimates ``tr(A^j)/n``. The smoothed density is
+    ``φ_σ(t) = Σ w N(t; θ, σ²)`` (Ubaru, Chen & Saad 2017; Papyan 2018; Ghorbani, Krishnan & Xiao 2019,
+    "An investigation into neural net optimization via Hessian eigenvalue density").
+
+    ``sigma`` defaults to 1% of the node range ``max θ − min θ`` (or 1% of ``max |θ|``, or 1, if that is
+    zero); ``grid`` defaults to ``n_grid`` points over ``[min θ − 5σ, max θ + 5σ]``, on which the
+    density integrates to 1 up to the Gaussian tails (``< 1e-6``). ``n_iter`` is capped at ``n``.
+    Costs ``n_runs · n_iter`` matvecs (fewer after breakdowns).
+    """
+    n = _size(op)
+    for name, val in (("n_iter", n_iter), ("n_runs", n_runs), ("n_grid", n_grid)):
+        if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+            raise ValueError(f"{name} must be a positive integer, got {val!r}")
+    if sigma is not None:
+        _check_positive("sigma", sigma)
+    m = min(n_iter, n)
+    A = _Counted(op)
+    g = _generator(op.device, seed)
+    nodes = np.zeros((n_runs, m))
+    weights = np.zeros((n_runs, m))
+    for r in range(n_runs):
+        v = _rademacher(n, 1, g, op)[:, 0]
+        v = v / torch.linalg.vector_norm(v)
+        alpha, beta = _lanczos_tridiagonal(A, v, m)
+        T = np.diag(alpha) + np.diag(beta[: len(alpha) - 1], 1) + np.diag(beta[: len(alpha) - 1], -1)
+        theta, S = np.linalg.eigh(T)
+        j = len(theta)
+        nodes[r, :j] = theta
+        nodes[r, j:] = theta[-1]  # padding with zero weight
+        weights[r, :j] = S[0, :] ** 2 / n_runs
+    weights /= weights.sum()  # sum to 1 exactly (each run's weights sum to 1 up to rounding)
+    lo, hi = float(nodes.min()), float(nodes.max())
+    if sigma is None:
+        width = hi - lo
+        sigma = 0.01 * (width if width > 0 else (max(abs(lo), abs(hi)) or 1.0))
+    if grid is None:
+        grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, n_grid)
+    else:
+        grid = np.asarray(grid, dtype=np.float64)
+        if grid.ndim != 1 or grid.size < 2 or np.any(np.diff(grid) <= 0):
+            raise ValueError("grid must be a strictly increasing 1-D array with at least 2 points")
+    # (n_grid, n_runs * m) Gaussians, weighted and summed over nodes
+    z = (grid[:, None] - nodes.reshape(1, -1)) / sigma
+    dens = (np.exp(-0.5 * z**2) / (sigma * math.sqrt(2 * math.pi))) @ weights.reshape(-1)
+    return SpectralDensity(
+        nodes=nodes, weights=weights, grid=grid, density=dens, sigma=float(sigma), n_matvecs=A.count
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Outlier measures (Ghorbani, Krishnan & Xiao 2019)
+# --------------------------------------------------------------------------------------------------
+
+
+def outlier_ratio(values_desc: np.ndarray | Tensor | list[float], num_classes: int) -> float:
+    """``λ_1 / λ_K`` from the top eigenvalues sorted descending, with ``K = num_classes``.
+
+    Ghorbani, Krishnan & Xiao (2019) find ``K`` (number of classes) outlier eigenvalues separated from
+    the bulk; with BN the outliers shrink relative to each other and the ratio ``λ_1/λ_K`` (how much the
+    single top direction dominates) drops. Needs at least ``num_classes`` values; raises ``ValueError``
+    naming ``values_desc`` if they are not sorted descending or ``λ_K = 0``.
+    """
+    vals = np.asarray(
+        values_desc.detach().cpu() if isinstance(values_desc, Tensor) else values_desc, dtype=np.float64
+    ).ravel()
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if vals.size < num_classes:
+        raise ValueError(f"values_desc needs at least num_classes={num_classes} values, got {vals.size}")
+    if np.any(np.diff(vals[:num_classes]) > 0):
+        raise ValueError("values_desc must be sorted in descending order")
+    if vals[num_classes - 1] == 0:
+        raise ValueError("values_desc[num_classes - 1] is 0: the ratio is undefined")
+    return float(vals[0] / vals[num_classes - 1])
+
+
+def gradient_fraction_in_top_subspace(
+    gradient: np.ndarray | Tensor, vectors: np.ndarray | Tensor, *, atol: float = 1e-6
+) -> float:
+    """Fraction of the gradient in the span of ``vectors``: ``‖Vᵀ g‖² / ‖g‖²`` (in ``[0, 1]``).
+
+    ``vectors`` (``(n, k)``) must have orthonormal columns, e.g. the top-``k`` Hessian eigenvectors from
+    ``eigenvalues(..., return_vectors=True)``; Ghorbani, Krishnan & Xiao (2019) (also Gur-Ari et al.
+    2018) find that the gradient lies mostly in the outlier subspace without BN and much less with BN.
+    Raises ``ValueError`` naming ``vectors`` if ``‖VᵀV − I‖_max > atol``, or ``gradient`` if it is zero
+    or its length does not match.
+    """
+
+    def to_np(x: np.ndarray | Tensor) -> np.ndarray:
+        return np.asarray(x.detach().cpu() if isinstance(x, Tensor) else x, dtype=np.float64)
+
+    g = to_np(gradient).ravel()
+    V = to_np(vectors)
+    if V.ndim == 1:
+        V = V[:, None]
+    if V.ndim != 2 or V.shape[0] != g.size:
+        raise ValueError(f"vectors must have shape ({g.size}, k) to match gradient, got {V.shape}")
+    if np.max(np.abs(V.T @ V - np.eye(V.shape[1]))) > atol:
+        raise ValueError("vectors must have orthonormal columns")
+    gg = float(g @ g)
+    if gg == 0.0:
+        raise ValueError("gradient is zero: the fraction is undefined")
+    return float(np.sum((V.T @ g) ** 2) / gg)

@@ -1,0 +1,136 @@
+"""The functional core: parameter selection, batches, the pure loss function and the probe guard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from probes.functional import (
+    ModelState,
+    as_batches,
+    check_loss,
+    functional_loss,
+    norm_mode,
+    probe_guard,
+    resolve_params,
+)
+from studies.lab.norms import BatchNorm
+from tests.cases import make_batch, set_running_stats, tiny_net
+
+
+def test_resolve_params_all_forms():
+    net = tiny_net("mlp", "bn")
+    all_names = [n for n, _ in net.named_parameters()]
+    assert [n for n, _ in resolve_params(net, None)] == all_names
+    net.head.bias.requires_grad_(False)
+    assert [n for n, _ in resolve_params(net, None)] == all_names[:-1]
+    assert [n for n, _ in resolve_params(net, net.blocks[1].norm)] == [
+        "blocks.1.norm.weight",
+        "blocks.1.norm.bias",
+    ]
+    assert [n for n, _ in resolve_params(net, ["head.weight", "blocks.0.layer.bias"])] == [
+        "blocks.0.layer.bias",
+        "head.weight",
+    ]
+    chosen = resolve_params(net, [net.head.weight])
+    assert chosen[0][0] == "head.weight" and chosen[0][1] is net.head.weight
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        (nn.Linear(2, 2), "params: expected a submodule of the model"),
+        (["blocks.9.weight"], "params: the model has no parameter named"),
+        ([nn.Parameter(torch.zeros(3))], r"params: a parameter of shape \(3,\) is not part of the model"),
+        ([], "params: empty selection"),
+        (["head.bias", "head.bias"], "params: duplicate parameters"),
+        ("head.bias", "params: expected None, a submodule"),
+        ([3], "params: expected parameter names or parameters"),
+    ],
+)
+def test_resolve_params_errors(params, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_params(tiny_net("mlp", "bn"), params)
+
+
+def test_resolve_params_module_without_params_and_frozen_model():
+    net = tiny_net("mlp", "none")
+    with pytest.raises(ValueError, match="params: the Tanh submodule has no parameters"):
+        resolve_params(net, net.blocks[0].act)
+    net.requires_grad_(False)
+    with pytest.raises(ValueError, match="params: the model has no trainable"):
+        resolve_params(net, None)
+
+
+def test_as_batches_and_check_loss():
+    x, y = torch.zeros(4, 3), torch.zeros(4)
+    assert len(as_batches((x, y))) == 1
+    assert len(as_batches([(x, y), (x, y)])) == 2
+    assert len(as_batches(iter([(x, y)] * 3))) == 3
+    for bad in ([], iter([])):
+        with pytest.raises(ValueError, match="batches: empty"):
+            as_batches(bad)
+    with pytest.raises(ValueError, match="batches: expected"):
+        as_batches(3)
+    with pytest.raises(ValueError, match="batches: every item"):
+        as_batches([(x, y, y)])
+    assert check_loss(torch.tensor(1.0)) == 1.0
+    with pytest.raises(ValueError, match=r"loss_fn must return a scalar .*\(4,\)"):
+        check_loss(torch.zeros(4))
+
+
+def test_functional_loss_is_pure_and_matches_the_model():
+    net = set_running_stats(tiny_net("vgg", "bn"))
+    batches = [make_batch("vgg", 5, seed=1), make_batch("vgg", 3, seed=2)]
+    state = ModelState.capture(net)
+    f, theta = functional_loss(net, F.cross_entropy, batches, params=net.head, bn="batch")
+    assert theta.shape == (net.head.weight.numel() + net.head.bias.numel(),)
+    with torch.no_grad(), norm_mode(net, "batch"):
+        expected = sum(len(x) * F.cross_entropy(net(x), y) for x, y in batches) / 8
+    torch.testing.assert_close(f(theta), expected, atol=1e-14, rtol=0)
+    torch.testing.assert_close(f(f.unflatten(theta)), expected, atol=1e-14, rtol=0)
+    assert state.differences(net) == []
+    with torch.no_grad():  # f froze the model at creation: later changes do not reach it
+        net.blocks[0].layer.weight.add_(1.0)
+    torch.testing.assert_close(f(theta), expected, atol=1e-14, rtol=0)
+    grads = torch.func.grad(f)(theta)  # composes with torch.func; no buffer mutation refused
+    assert grads.shape == theta.shape
+    f_running, _ = functional_loss(net, F.cross_entropy, batches, params=net.head, bn="running")
+    with torch.no_grad(), norm_mode(net, "running"):
+        expected = sum(len(x) * F.cross_entropy(net(x), y) for x, y in batches) / 8
+    torch.testing.assert_close(f_running(theta), expected, atol=1e-14, rtol=0)
+    with pytest.raises(ValueError, match="theta: expected the parameters"):
+        f({"head.weight": net.head.weight})
+    with pytest.raises(ValueError, match="theta must have shape"):
+        f(torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("factory", [nn.BatchNorm1d, BatchNorm], ids=["torch", "zoo"])
+def test_batch_of_one_under_batch_mode(factory):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), factory(4), nn.Linear(4, 2))
+    x, y = torch.randn(1, 3), torch.zeros(1, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"^batches: a batch of 1 sample\(s\).*bn='batch'"):
+        functional_loss(net, F.cross_entropy, (x, y), bn="batch")
+    functional_loss(net, F.cross_entropy, (x, y), bn="running")
+
+
+def test_probe_guard_restores_and_strict_reports():
+    net = tiny_net("mlp", "bn")
+    net.head.weight.grad = torch.ones_like(net.head.weight)
+    state = ModelState.capture(net)
+    with pytest.raises(
+        AssertionError, match=r"the probe changed the model: .*buffers: blocks.0.norm.running_mean"
+    ):
+        with probe_guard(net, strict=True):
+            net(make_batch("mlp", 8, seed=0)[0]).sum().backward()
+    assert state.differences(net) == []
+    with probe_guard(net, strict=True):
+        with torch.no_grad(), norm_mode(net, "batch"):
+            net(make_batch("mlp", 8, seed=0)[0])
+    with pytest.raises(RuntimeError, match="inside"), probe_guard(net):
+        torch.rand(3)
+        raise RuntimeError("inside")
+    assert state.differences(net) == []

@@ -1,0 +1,132 @@
+"""Hessian probes end to end on the shared tiny float64 cases, against explicit Hessians."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from probes.functional import ModelState
+from probes.hessian import (
+    hessian_density,
+    hessian_eigenvalues,
+    hessian_outliers,
+    hessian_trace,
+)
+from tests.cases import CASES, explicit_hessian
+
+NAMES = sorted(CASES)
+
+
+def exact_spectrum(case, **kw) -> np.ndarray:
+    H = explicit_hessian(case.model, case.loss_fn, case.batches, bn=case.bn, **kw)
+    return torch.linalg.eigvalsh(H).numpy()  # ascending
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_eigenvalues_match_eigvalsh(name, which):
+    case = CASES[name]()
+    exact = exact_spectrum(case)
+    state = ModelState.capture(case.model)
+    result = hessian_eigenvalues(
+        case.model, case.loss_fn, case.batches, k=3, which=which, tol=1e-10, bn=case.bn
+    )
+    assert state.differences(case.model) == []
+    expected = {
+        "LA": exact[::-1][:3],
+        "SA": exact[:3],
+        "LM": exact[np.argsort(-np.abs(exact), kind="stable")][:3],
+    }
+    scale = np.abs(exact).max()
+    if which == "LM":  # ties in |λ| may be ordered either way: compare magnitudes, then the set of values
+        np.testing.assert_allclose(
+            np.abs(result.values), np.abs(expected["LM"]), rtol=1e-6, atol=1e-9 * scale
+        )
+        for v in result.values:
+            assert np.min(np.abs(exact - v)) <= 1e-6 * scale
+    else:
+        np.testing.assert_allclose(result.values, expected[which], rtol=1e-6, atol=1e-9 * scale)
+    assert result.converged and result.n_matvecs > 0
+
+
+def test_top_eigenvalue_sign_where_power_iteration_is_wrong():
+    """The saddle: LM (what power iteration finds) is negative, the largest algebraic one positive."""
+    case = CASES["saddle"]()
+    exact = np.sort(case.eigenvalues)
+    la = hessian_eigenvalues(case.model, case.loss_fn, case.batches, which="LA", tol=1e-10)
+    power = hessian_eigenvalues(case.model, case.loss_fn, case.batches, which="LM", method="power", tol=1e-10)
+    assert la.values[0] == pytest.approx(exact[-1], rel=1e-6) and la.values[0] > 0
+    assert power.values[0] == pytest.approx(exact[0], rel=1e-4) and power.values[0] < 0
+    assert abs(exact[0]) > abs(exact[-1])
+
+
+@pytest.mark.parametrize("name", ["mlp-bn", "vgg-ln", "mlp-dbn"])
+def test_trace_within_three_standard_errors(name):
+    case = CASES[name]()
+    exact = float(torch.trace(explicit_hessian(case.model, case.loss_fn, case.batches, bn=case.bn)))
+    for method in ("hutchinson", "hutchpp"):
+        result = hessian_trace(case.model, case.loss_fn, case.batches, n_probes=30, method=method, bn=case.bn)
+        assert abs(result.value - exact) <= 3 * result.stderr + 1e-9 * abs(exact)
+        assert result.n_matvecs <= 30
+
+
+def test_density_agrees_with_exact_spectrum():
+    case = CASES["mlp-bn"]()
+    exact = exact_spectrum(case)
+    result = hessian_density(case.model, case.loss_fn, case.batches, n_iter=20, n_runs=30, seed=1)
+    integral = np.trapezoid(result.density, result.grid)
+    assert integral == pytest.approx(1.0, abs=1e-3)
+    # each run's quadrature gives vᵀH^j v exactly (j < 2·n_iter); their mean estimates tr(H^j)/n
+    for j in (1, 2, 3):
+        per_run = len(result.weights) * (result.weights * result.nodes**j).sum(
+            axis=1
+        )  # weights sum to 1 overall
+        assert result.moment(j) == pytest.approx(per_run.mean(), rel=1e-10)
+        stderr = per_run.std(ddof=1) / np.sqrt(len(per_run))
+        assert abs(per_run.mean() - np.mean(exact**j)) <= 4 * stderr
+    # SLQ nodes lie inside the spectrum
+    assert result.nodes.min() >= exact.min() - 1e-8 and result.nodes.max() <= exact.max() + 1e-8
+
+
+def test_outliers_match_explicit_eigenpairs():
+    case = CASES["mlp-none"]()
+    H = explicit_hessian(case.model, case.loss_fn, case.batches, bn=case.bn)
+    vals, vecs = torch.linalg.eigh(H)
+    from probes.functional import functional_loss
+
+    f, theta = functional_loss(case.model, case.loss_fn, case.batches, bn=case.bn)
+    g = torch.func.grad(f)(theta)
+    K = 3
+    top = vecs[:, -K:]
+    expected_fraction = float((top.T @ g).pow(2).sum() / g.pow(2).sum())
+    result = hessian_outliers(case.model, case.loss_fn, case.batches, num_classes=K, tol=1e-10)
+    assert result.ratio == pytest.approx(float(vals[-1] / vals[-K]), rel=1e-6)
+    assert result.gradient_fraction == pytest.approx(expected_fraction, rel=1e-6)
+    rows = result.to_records()
+    assert {r["metric"] for r in rows} >= {"outlier_ratio", "gradient_fraction_top", "eigenvalue_LA"}
+
+
+def test_per_layer_block_spectrum():
+    case = CASES["mlp-bn"]()
+    names = [n for n, _ in case.model.named_parameters()][:2]  # the first layer's weight and bias
+    exact = exact_spectrum(case, params=names)
+    result = hessian_eigenvalues(
+        case.model, case.loss_fn, case.batches, k=2, which="LA", tol=1e-10, params=names
+    )
+    np.testing.assert_allclose(result.values, exact[::-1][:2], rtol=1e-6)
+    assert result.layer == ",".join(names)
+    assert all(r["layer"] == ",".join(names) for r in result.to_records())
+
+
+def test_bad_inputs():
+    case = CASES["mlp-none"]()
+    n = sum(p.numel() for p in case.model.parameters())
+    with pytest.raises(ValueError, match="k"):
+        hessian_eigenvalues(case.model, case.loss_fn, case.batches, k=n)
+    with pytest.raises(ValueError, match="which"):
+        hessian_eigenvalues(case.model, case.loss_fn, case.batches, which="BE")
+    with pytest.raises(ValueError, match="batches"):
+        hessian_trace(case.model, case.loss_fn, [])
+    with pytest.raises(ValueError, match="params"):
+        hessian_density(case.model, case.loss_fn, case.batches, params=["nope.weight"])

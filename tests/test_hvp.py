@@ -1,0 +1,225 @@
+"""Hessian-vector products against explicit float64 Hessians on the shared tiny cases."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from probes.functional import ModelState, norm_mode
+from probes.hvp import HessianOperator, auto_method, hessian_operator
+from tests.cases import CASES, explicit_hessian, make_batch, set_running_stats, tiny_net
+
+METHODS = ["double_backward", "forward_over_reverse"]
+
+
+def dense(op: HessianOperator) -> torch.Tensor:
+    return op.matvec(torch.eye(op.shape[0], dtype=op.dtype))
+
+
+def plain_hessian(model: nn.Module, loss_fn, x, y) -> torch.Tensor:
+    """Double backward on the model itself (train mode, running stats move): the textbook reference."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = loss_fn(model(x), y)
+    g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, params, create_graph=True)])
+    rows = [torch.autograd.grad(g[i], params, retain_graph=True) for i in range(g.numel())]
+    return torch.stack([torch.cat([t.reshape(-1) for t in row]) for row in rows])
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_operator_equals_explicit_hessian(name, method):
+    case = CASES[name]()
+    state = ModelState.capture(case.model)
+    expected = explicit_hessian(case.model, case.loss_fn, case.batches, bn=case.bn)
+    with hessian_operator(case.model, case.loss_fn, case.batches, bn=case.bn, method=method) as op:
+        assert op.shape == expected.shape and op.dtype == torch.float64
+        hessian = dense(op)
+        assert op.n_matvecs == op.shape[0]
+        assert state.differences(case.model) == []  # after a matvec, not only after close
+    torch.testing.assert_close(hessian, expected, atol=1e-8, rtol=0)
+    assert state.differences(case.model) == []
+
+
+def test_saddle_case_spectrum_is_known_and_negative_dominated():
+    case = CASES["saddle"]()
+    eig = torch.linalg.eigvalsh(explicit_hessian(case.model, case.loss_fn, case.batches)).numpy()
+    np.testing.assert_allclose(eig, case.eigenvalues, atol=1e-10)
+    assert -eig[0] > 5 * eig[-1] > 0
+
+
+@pytest.mark.parametrize("arch", ["mlp", "vgg"])
+def test_batch_mode_differs_from_running_mode(arch):
+    net = set_running_stats(tiny_net(arch, "bn"))
+    batch = make_batch(arch, 8, seed=10)
+    h_batch = dense(hessian_operator(net, F.cross_entropy, batch, bn="batch"))
+    h_running = dense(hessian_operator(net, F.cross_entropy, batch, bn="running"))
+    assert (h_batch - h_running).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("flavor", ["torch", "zoo-mlp", "zoo-vgg"])
+def test_batch_mode_equals_plain_train_mode_double_backward(flavor, method):
+    if flavor == "torch":
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).double()
+        set_running_stats(net)
+        batch = make_batch("mlp", 8, seed=10)
+    else:
+        arch = flavor.split("-")[1]
+        net, batch = set_running_stats(tiny_net(arch, "bn")), make_batch(arch, 8, seed=10)
+    net.eval()  # the probe must not care about the caller's mode
+    state = ModelState.capture(net)
+    reference_net = copy.deepcopy(net).train()
+    expected = plain_hessian(reference_net, F.cross_entropy, *batch)
+    moved = ModelState.capture(net).differences(reference_net)
+    assert any("running_mean" in d for d in moved)  # the plain path moved the copy's running stats
+    op = hessian_operator(net, F.cross_entropy, batch, bn="batch", method=method)
+    torch.testing.assert_close(dense(op), expected, atol=1e-10, rtol=0)
+    op.close()
+    assert state.differences(net) == []  # the original's running stats did not move
+
+
+@pytest.mark.parametrize("cache_graphs", [None, True, False])
+@pytest.mark.parametrize("method", METHODS)
+def test_multi_batch_is_sample_weighted_mean(method, cache_graphs):
+    net = tiny_net("mlp", "bn")
+    batches = [make_batch("mlp", 5, seed=1), make_batch("mlp", 3, seed=2)]
+    per_batch = [explicit_hessian(net, F.cross_entropy, b) for b in batches]
+    expected = (5 * per_batch[0] + 3 * per_batch[1]) / 8
+    state = ModelState.capture(net)
+    with hessian_operator(
+        net, F.cross_entropy, iter(batches), method=method, cache_graphs=cache_graphs
+    ) as op:
+        assert op.cache_graphs is (False if cache_graphs is None else cache_graphs)
+        torch.testing.assert_close(dense(op), expected, atol=1e-10, rtol=0)
+        # gradient and loss of the same weighted loss, against the model run plainly on a copy
+        ref = copy.deepcopy(net)
+        with norm_mode(ref, "batch"):
+            losses = [F.cross_entropy(ref(x), y) for x, y in batches]
+        ref_loss = (5 * losses[0] + 3 * losses[1]) / 8
+        ref_grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(ref_loss, list(ref.parameters()))])
+        torch.testing.assert_close(op.gradient(), ref_grad, atol=1e-12, rtol=0)
+        assert op.loss() == pytest.approx(float(ref_loss.detach()), abs=1e-12)
+    assert state.differences(net) == []
+    # the equal-weight average would differ: the weighting is really by sample count
+    assert (expected - (per_batch[0] + per_batch[1]) / 2).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_params_block_is_diagonal_block_of_full_hessian(method):
+    case = CASES["vgg-bn"]()
+    net = case.model
+    names = [n for n, _ in net.named_parameters()]
+    offsets = np.cumsum([0] + [p.numel() for p in net.parameters()])
+    index = {n: torch.arange(offsets[i], offsets[i + 1]) for i, n in enumerate(names)}
+    full = explicit_hessian(net, case.loss_fn, case.batches)
+    selections = {
+        "module": (net.blocks[1].layer, ["blocks.1.layer.weight", "blocks.1.layer.bias"]),
+        "names": (["head.bias", "blocks.0.norm.weight"], ["blocks.0.norm.weight", "head.bias"]),
+        "parameters": ([net.head.weight], ["head.weight"]),
+    }
+    for params, expected_names in selections.values():
+        op = hessian_operator(net, case.loss_fn, case.batches, params=params, method=method)
+        assert op.param_names == expected_names  # model order, whatever order was asked
+        assert op.param_shapes == [tuple(dict(net.named_parameters())[n].shape) for n in expected_names]
+        idx = torch.cat([index[n] for n in expected_names])
+        torch.testing.assert_close(dense(op), full[idx][:, idx], atol=1e-10, rtol=0)
+        v = torch.arange(op.shape[0], dtype=torch.float64)
+        parts = op.unflatten(v)
+        assert list(parts) == expected_names and parts[expected_names[0]].shape == op.param_shapes[0]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_state_guard_holds_after_every_operation(method):
+    net = set_running_stats(tiny_net("mlp", "bn"))
+    net.blocks[0].act.eval()  # a mixed mode
+    net.head.bias.requires_grad_(False)
+    net.blocks[0].layer.weight.grad = torch.full_like(net.blocks[0].layer.weight, 3.0)
+    batch = make_batch("mlp", 8, seed=10)
+    state = ModelState.capture(net)
+    op = hessian_operator(net, F.cross_entropy, batch, method=method)
+    assert "head.bias" not in op.param_names  # None = trainable parameters only
+    assert state.differences(net) == []
+    v = torch.randn(op.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    hv = op.matvec(v)
+    assert op.n_matvecs == 3 and hv.shape == v.shape
+    assert state.differences(net) == []
+    torch.testing.assert_close(op.matvec(v[:, 1]), hv[:, 1], atol=1e-12, rtol=0)
+    op.gradient(), op.loss()
+    assert state.differences(net) == []
+    lin = op.to_scipy()
+    out = lin @ v[:, 0].numpy()
+    assert out.dtype == np.float64 and op.n_matvecs == 5
+    np.testing.assert_allclose(out, hv[:, 0].numpy(), atol=1e-12)
+    np.testing.assert_allclose(lin.matmat(v.numpy()), hv.numpy(), atol=1e-12)
+    assert op.n_matvecs == 8
+    op.close()
+    assert state.differences(net) == []
+    assert torch.equal(net.blocks[0].layer.weight.grad, torch.full_like(net.blocks[0].layer.weight, 3.0))
+    with pytest.raises(RuntimeError, match="closed"):
+        op.matvec(v)
+
+
+def test_noisy_bn_noise_is_off_during_the_probe():
+    noisy, plain = tiny_net("mlp", "noisy_bn"), tiny_net("mlp", "bn")
+    plain.load_state_dict(noisy.state_dict())
+    batch = make_batch("mlp", 8, seed=10)
+    state = ModelState.capture(noisy)
+    for method in METHODS:
+        h1 = dense(hessian_operator(noisy, F.cross_entropy, batch, method=method))
+        h2 = dense(hessian_operator(noisy, F.cross_entropy, batch, method=method))
+        torch.testing.assert_close(h1, h2, atol=0, rtol=0)  # no random draws
+        torch.testing.assert_close(
+            h1, dense(hessian_operator(plain, F.cross_entropy, batch)), atol=1e-10, rtol=0
+        )
+    assert state.differences(noisy) == []  # RNG included
+
+
+def test_float32_and_dtype_option():
+    net = tiny_net("mlp", "bn").float()
+    x, y = make_batch("mlp", 8, seed=10)
+    op = hessian_operator(net, F.cross_entropy, (x.float(), y), dtype=torch.float32)
+    assert op.dtype == torch.float32 and op.matvec(torch.ones(op.shape[0])).dtype == torch.float32
+    expected = explicit_hessian(net.double(), F.cross_entropy, (x, y))
+    torch.testing.assert_close(dense(op).double(), expected, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match=r"dtype: .*model\.double\(\)"):
+        hessian_operator(net, F.cross_entropy, (x, y), dtype=torch.float32)
+
+
+def test_auto_method_per_device():
+    assert auto_method("cpu") == "double_backward"
+    assert auto_method("cuda") == "forward_over_reverse"
+    case = CASES["mlp-none"]()
+    assert hessian_operator(case.model, case.loss_fn, case.batches).method == "double_backward"
+
+
+def test_bad_inputs():
+    case = CASES["mlp-bn"]()
+    net, batch = case.model, case.batches[0]
+    state = ModelState.capture(net)
+    with pytest.raises(ValueError, match="loss_fn must return a scalar"):
+        hessian_operator(net, lambda out, y: F.cross_entropy(out, y, reduction="none"), batch)
+    with pytest.raises(ValueError, match="batches: empty"):
+        hessian_operator(net, F.cross_entropy, [])
+    with pytest.raises(ValueError, match=r"params: .*not part of the model"):
+        hessian_operator(net, F.cross_entropy, batch, params=[nn.Parameter(torch.zeros(2))])
+    with pytest.raises(ValueError, match="params: the model has no parameter named 'nope'"):
+        hessian_operator(net, F.cross_entropy, batch, params=["nope"])
+    with pytest.raises(ValueError, match=r"batches: a batch of 1 sample.*bn='batch'"):
+        hessian_operator(net, F.cross_entropy, [batch, (batch[0][:1], batch[1][:1])])
+    hessian_operator(
+        net, F.cross_entropy, (batch[0][:1], batch[1][:1]), bn="running"
+    )  # fine with running stats
+    with pytest.raises(ValueError, match="method must be one of"):
+        hessian_operator(net, F.cross_entropy, batch, method="finite_differences")
+    with pytest.raises(ValueError, match="bn must be one of"):
+        hessian_operator(net, F.cross_entropy, batch, bn="train")
+    op = hessian_operator(net, F.cross_entropy, batch)
+    with pytest.raises(ValueError, match="v must have shape"):
+        op.matvec(torch.ones(op.shape[0] + 1))
+    assert state.differences(net) == []

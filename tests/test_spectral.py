@@ -1,0 +1,303 @@
+"""Spectral routines of probes.spectral against explicit symmetric matrices (float64)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from probes.spectral import (
+    EigenResult,
+    MatrixOperator,
+    SpectralDensity,
+    TraceResult,
+    density,
+    eigenvalues,
+    gradient_fraction_in_top_subspace,
+    outlier_ratio,
+    trace,
+)
+
+
+def _with_spectrum(lams: np.ndarray, seed: int) -> np.ndarray:
+    """Q diag(λ) Qᵀ with a random orthogonal Q."""
+    n = len(lams)
+    Q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, n)))
+    A = (Q * lams) @ Q.T
+    return 0.5 * (A + A.T)
+
+
+def _indefinite() -> np.ndarray:
+    # well-separated extremes (so power iteration converges); the most negative eigenvalue dominates |λ|
+    rng = np.random.default_rng(1)
+    ends = [20.0, 16.0, 13.0, 11.0, 9.5, -30.0, -24.0, -21.0, -17.5, -15.0]
+    return _with_spectrum(np.concatenate([ends, rng.uniform(-6.0, 6.0, 150)]), seed=2)
+
+
+def _repeated() -> np.ndarray:
+    rng = np.random.default_rng(3)
+    ends = [10.0, 10.0, 10.0, 7.0, 7.0, -3.0, -3.0, -3.0, -5.0, -5.0]
+    return _with_spectrum(np.concatenate([ends, rng.uniform(0.0, 4.0, 110)]), seed=4)
+
+
+def _low_rank() -> np.ndarray:
+    lams = np.zeros(100)
+    lams[:6] = [50.0, 30.0, 20.0, 10.0, 5.0, -2.0]
+    return _with_spectrum(lams, seed=5)
+
+
+MATRICES = {"indefinite": _indefinite(), "repeated": _repeated(), "low_rank": _low_rank()}
+
+
+def _exact(A: np.ndarray, which: str, k: int) -> np.ndarray:
+    ev = np.linalg.eigvalsh(A)
+    if which == "LA":
+        return ev[::-1][:k]
+    if which == "SA":
+        return ev[:k]
+    return ev[np.argsort(-np.abs(ev), kind="stable")][:k]
+
+
+@pytest.mark.parametrize("name", list(MATRICES))
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+@pytest.mark.parametrize("k", [1, 5])
+@pytest.mark.parametrize("method", ["lanczos", "scipy", "power"])
+def test_eigenvalues_match_eigvalsh(name: str, which: str, k: int, method: str) -> None:
+    A = MATRICES[name]
+    op = MatrixOperator(torch.as_tensor(A))
+    # single-vector Lanczos sees one copy of an exactly repeated eigenvalue of a full-rank matrix:
+    # a block as wide as the multiplicity finds them all
+    block = 3 if (method == "lanczos" and name == "repeated") else 1
+    res = eigenvalues(
+        op,
+        k=k,
+        which=which,
+        tol=1e-6,
+        method=method,
+        max_matvecs=50_000,
+        block_size=block,
+        return_vectors=True,
+    )
+    expected = _exact(A, which, k)
+    assert isinstance(res, EigenResult) and res.which == which and res.converged
+    assert res.values.shape == (k,)
+    scale = np.abs(np.linalg.eigvalsh(A)).max()
+    if method == "scipy" and name == "repeated" and k > 1:
+        # ARPACK is single-vector Lanczos too: it may return one copy of an exactly repeated eigenvalue.
+        # Each value is still an eigenvalue, the first is the extreme one, and the order is as asked.
+        ev = np.linalg.eigvalsh(A)
+        assert np.all(np.min(np.abs(res.values[:, None] - ev[None, :]), axis=1) <= 1e-5 * scale)
+        assert res.values[0] == pytest.approx(expected[0], rel=1e-6)
+        np.testing.assert_array_equal(res.values, _exact(np.diag(res.values), which, k))
+    else:
+        np.testing.assert_allclose(res.values, expected, rtol=1e-5, atol=1e-5 * scale)
+    # vectors: orthonormal eigenvectors for the values
+    V = res.vectors
+    assert V is not None and V.shape == (A.shape[0], k)
+    np.testing.assert_allclose(V.T @ V, np.eye(k), atol=1e-6)
+    np.testing.assert_allclose(A @ V, V * res.values, atol=1e-4 * scale)
+    assert res.n_matvecs > 0
+
+
+def test_lm_keeps_the_sign_of_a_dominant_negative_eigenvalue() -> None:
+    op = MatrixOperator(MATRICES["indefinite"])
+    for method in ("lanczos", "scipy", "power"):
+        res = eigenvalues(op, k=1, which="LM", method=method)
+        assert res.values[0] == pytest.approx(-30.0, rel=1e-3)  # PyHessian's "top" eigenvalue
+        la = eigenvalues(op, k=1, which="LA", method=method, max_matvecs=20_000)
+        assert la.values[0] == pytest.approx(20.0, rel=1e-3)
+
+
+def test_lanczos_needs_fewer_matvecs_than_power_for_top5() -> None:
+    op = MatrixOperator(MATRICES["indefinite"])
+    lz = eigenvalues(op, k=5, which="LA", tol=1e-3, method="lanczos")
+    pw = eigenvalues(op, k=5, which="LA", tol=1e-3, method="power", max_matvecs=50_000)
+    assert lz.converged and pw.converged
+    assert lz.n_matvecs < pw.n_matvecs
+    lm_lz = eigenvalues(op, k=5, which="LM", tol=1e-3, method="lanczos")
+    lm_pw = eigenvalues(op, k=5, which="LM", tol=1e-3, method="power", max_matvecs=50_000)
+    assert lm_lz.n_matvecs < lm_pw.n_matvecs
+
+
+@pytest.mark.parametrize("method", ["lanczos", "scipy", "power"])
+def test_not_converged_with_tiny_budget(method: str) -> None:
+    op = MatrixOperator(_with_spectrum(np.linspace(1.0, 2.0, 200), seed=6))  # clustered: slow
+    res = eigenvalues(op, k=5, which="LA", tol=1e-10, method=method, max_matvecs=6)
+    assert not res.converged
+    if method != "scipy":  # ARPACK's budget is counted in restarts
+        assert res.n_matvecs <= 6
+
+
+def test_matvec_count_is_honest() -> None:
+    op = MatrixOperator(MATRICES["indefinite"])
+    for method in ("lanczos", "scipy", "power"):
+        before = op.n_matvecs
+        res = eigenvalues(op, k=2, method=method)
+        assert op.n_matvecs - before == res.n_matvecs
+
+
+def test_eigenvalues_reproducible_and_global_rng_untouched() -> None:
+    op = MatrixOperator(MATRICES["indefinite"])
+    state = torch.random.get_rng_state()
+    for method in ("lanczos", "scipy", "power"):
+        a = eigenvalues(op, k=3, method=method, tol=1e-2, seed=7, return_vectors=True)
+        b = eigenvalues(op, k=3, method=method, tol=1e-2, seed=7, return_vectors=True)
+        np.testing.assert_array_equal(a.values, b.values)
+        np.testing.assert_array_equal(a.vectors, b.vectors)
+        assert a.n_matvecs == b.n_matvecs
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"k": 200}, "k"),
+        ({"k": 160}, "k"),
+        ({"k": 0}, "k"),
+        ({"which": "BE"}, "which"),
+        ({"method": "arnoldi"}, "method"),
+        ({"tol": 0.0}, "tol"),
+        ({"max_matvecs": 0}, "max_matvecs"),
+        ({"block_size": 0}, "block_size"),
+    ],
+)
+def test_eigenvalues_bad_inputs(kwargs: dict, name: str) -> None:
+    op = MatrixOperator(MATRICES["indefinite"])
+    with pytest.raises(ValueError, match=name):
+        eigenvalues(op, **kwargs)
+
+
+def test_matrix_operator_checks_and_counts() -> None:
+    with pytest.raises(ValueError, match="A"):
+        MatrixOperator(np.ones((3, 4)))
+    with pytest.raises(ValueError, match="A"):
+        MatrixOperator(np.array([[1.0, 2.0], [0.0, 1.0]]))
+    A = MATRICES["low_rank"]
+    op = MatrixOperator(A)
+    V = torch.randn(100, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(op.matvec(V), torch.as_tensor(A) @ V)
+    assert op.n_matvecs == 3
+    x = np.arange(100.0)
+    np.testing.assert_allclose(op.to_scipy() @ x, A @ x)
+    assert op.n_matvecs == 4
+
+
+# ----------------------------------------------------------------------------------------------- trace
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutchpp"])
+@pytest.mark.parametrize("name", list(MATRICES))
+def test_trace_within_three_stderr(method: str, name: str) -> None:
+    A = MATRICES[name]
+    res = trace(MatrixOperator(A), n_probes=90, method=method, seed=1)
+    assert isinstance(res, TraceResult) and res.n_matvecs == 90
+    assert abs(res.value - np.trace(A)) <= 3 * res.stderr + 1e-8 * np.abs(A).sum()
+
+
+def test_hutchpp_beats_hutchinson_on_low_rank_dominated() -> None:
+    rng = np.random.default_rng(11)
+    lams = np.concatenate([[100.0, 80.0, 60.0, 50.0, 40.0, 30.0, 25.0, 20.0], rng.uniform(0.0, 0.1, 192)])
+    A = MatrixOperator(_with_spectrum(lams, seed=12))
+    exact = lams.sum()
+    for seed in range(3):
+        h = trace(A, n_probes=60, method="hutchinson", seed=seed)
+        hpp = trace(A, n_probes=60, method="hutchpp", seed=seed)
+        assert h.n_matvecs == hpp.n_matvecs == 60
+        assert hpp.stderr < 0.1 * h.stderr
+        assert abs(hpp.value - exact) <= 3 * hpp.stderr + 1e-9
+        assert abs(h.value - exact) <= 4 * h.stderr
+
+
+def test_trace_reproducible_and_bad_inputs() -> None:
+    op = MatrixOperator(MATRICES["indefinite"])
+    assert trace(op, n_probes=12, seed=3) == trace(op, n_probes=12, seed=3)
+    with pytest.raises(ValueError, match="n_probes"):
+        trace(op, n_probes=3, method="hutchpp")
+    with pytest.raises(ValueError, match="n_probes"):
+        trace(op, n_probes=1, method="hutchinson")
+    with pytest.raises(ValueError, match="method"):
+        trace(op, method="xtrace")
+
+
+# --------------------------------------------------------------------------------------------- density
+
+
+@pytest.mark.parametrize("name", list(MATRICES))
+def test_slq_density_and_moments(name: str) -> None:
+    A = MATRICES[name]
+    n = A.shape[0]
+    res = density(MatrixOperator(A), n_iter=25, n_runs=20, seed=0)
+    assert isinstance(res, SpectralDensity)
+    assert res.nodes.shape == res.weights.shape == (20, 25)
+    assert res.weights.sum() == pytest.approx(1.0, abs=1e-12)
+    assert np.all(res.weights >= 0)
+    assert np.trapezoid(res.density, res.grid) == pytest.approx(1.0, abs=1e-4)
+    assert res.n_matvecs <= 20 * 25
+    ev = np.linalg.eigvalsh(A)
+    for j in (1, 2):
+        exact = np.sum(ev**j) / n
+        per_run = (res.weights * res.nodes**j).sum(axis=1) * 20  # each run's estimate of tr(A^j)/n
+        stderr = per_run.std(ddof=1) / np.sqrt(20)
+        assert res.moment(j) == pytest.approx(per_run.mean())
+        assert abs(res.moment(j) - exact) <= 4 * stderr + 1e-9 * abs(exact)
+    # the Ritz values lie inside the spectrum, and the extremes are found
+    assert res.nodes.min() >= ev[0] - 1e-8 * np.abs(ev).max()
+    assert res.nodes.max() <= ev[-1] + 1e-8 * np.abs(ev).max()
+    assert res.nodes.max() == pytest.approx(ev[-1], rel=1e-3)
+
+
+def test_density_custom_grid_sigma_reproducible_and_bad_inputs() -> None:
+    op = MatrixOperator(MATRICES["indefinite"])
+    grid = np.linspace(-40, 30, 2001)
+    a = density(op, n_iter=10, n_runs=3, sigma=0.5, grid=grid, seed=2)
+    b = density(op, n_iter=10, n_runs=3, sigma=0.5, grid=grid, seed=2)
+    np.testing.assert_array_equal(a.density, b.density)
+    np.testing.assert_array_equal(a.grid, grid)
+    assert np.trapezoid(a.density, grid) == pytest.approx(1.0, abs=1e-4)
+    assert a.to_records()
+    for kwargs, name in [({"n_iter": 0}, "n_iter"), ({"n_runs": 0}, "n_runs"), ({"sigma": -1.0}, "sigma"),
+                         ({"grid": np.array([1.0, 0.0])}, "grid")]:  # fmt: skip
+        with pytest.raises(ValueError, match=name):
+            density(op, **kwargs)
+
+
+# -------------------------------------------------------------------------------------- outlier measures
+
+
+def test_outlier_ratio() -> None:
+    assert outlier_ratio(np.array([10.0, 5.0, 2.0, 1.0]), 3) == pytest.approx(5.0)
+    assert outlier_ratio(torch.tensor([4.0, 4.0]), 2) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="num_classes"):
+        outlier_ratio([3.0, 2.0], 3)
+    with pytest.raises(ValueError, match="values_desc"):
+        outlier_ratio([1.0, 2.0, 3.0], 3)
+    with pytest.raises(ValueError, match="num_classes"):
+        outlier_ratio([1.0], 0)
+
+
+def test_gradient_fraction_in_top_subspace() -> None:
+    A = MATRICES["indefinite"]
+    top = eigenvalues(MatrixOperator(A), k=5, which="LA", tol=1e-8, return_vectors=True)
+    V = top.vectors
+    assert V is not None
+    rng = np.random.default_rng(0)
+    inside = V @ rng.standard_normal(5)
+    assert gradient_fraction_in_top_subspace(inside, V) == pytest.approx(1.0, abs=1e-8)
+    g = rng.standard_normal(A.shape[0])
+    orth = g - V @ (V.T @ g)
+    assert gradient_fraction_in_top_subspace(torch.as_tensor(orth), torch.as_tensor(V)) == pytest.approx(
+        0.0, abs=1e-12
+    )
+    half = inside / np.linalg.norm(inside) + orth / np.linalg.norm(orth)
+    assert gradient_fraction_in_top_subspace(half, V) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="vectors"):
+        gradient_fraction_in_top_subspace(g, 2 * V)
+    with pytest.raises(ValueError, match="gradient"):
+        gradient_fraction_in_top_subspace(np.zeros(A.shape[0]), V)
+
+
+def test_to_records_are_tidy() -> None:
+    op = MatrixOperator(MATRICES["low_rank"])
+    for res in (eigenvalues(op, k=2), trace(op, n_probes=9), density(op, n_iter=5, n_runs=2)):
+        rows = res.to_records()
+        assert rows and all({"probe", "layer", "metric", "value"} <= row.keys() for row in rows)
