@@ -381,7 +381,11 @@ def eigenvalues(
       (only the small projected matrix goes to the CPU). Exhausted Krylov spaces (low rank, ``m = n``)
       continue with a fresh random direction. Single-vector Krylov spaces see only one copy of an
       *exactly* repeated eigenvalue; rounding and restarts usually expose the others, but for certainty
-      use ``block_size`` ≥ the multiplicity (block Lanczos).
+      use ``block_size`` ≥ the multiplicity (block Lanczos). Conversely a block of size ``b`` resolves
+      at most ``b`` copies: on an *exactly* low-rank operator whose null space is larger than ``b``,
+      ``"SA"`` with ``k > b`` can miss zeros (e.g. return ``[0, 0, 0, 0, 5]`` for five zeros). With
+      ``block_size=1`` the full breakdown of the Krylov space locks the exact pairs and restarts on the
+      complement, which finds every copy; prefer it for exactly low-rank operators.
     * ``"scipy"``: ``scipy.sparse.linalg.eigsh(op.to_scipy(), k, which, tol, v0)`` (ARPACK), with BLAS
       limited to one thread. ``max_matvecs`` maps to ARPACK's ``maxiter`` (restarts), so the budget is
       approximate there; ``ArpackNoConvergence`` gives ``converged=False`` and the values it had.
