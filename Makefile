@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | cksum | cut -d' ' -f1)
 PRESET ?= quick
 
-.PHONY: all setup test test-slow lint figures clean
+.PHONY: all setup test test-slow lint figures bench clean
 
 all: setup
 	$(BIN)/whybn all --preset $(PRESET)
@@ -32,6 +32,11 @@ lint: setup
 
 figures: setup
 	$(BIN)/whybn figures
+
+# Side-by-side against PyHessian and curvlinops, in their own environment (benchmarks/.venv).
+bench: setup
+	bash benchmarks/setup.sh
+	benchmarks/.venv/bin/python benchmarks/hessian.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -130,3 +130,25 @@ def test_bad_inputs():
         hessian_trace(case.model, case.loss_fn, [])
     with pytest.raises(ValueError, match="params"):
         hessian_density(case.model, case.loss_fn, case.batches, params=["nope.weight"])
+
+
+@pytest.mark.parametrize(
+    "probe",
+    [
+        lambda c: hessian_eigenvalues(c.model, c.loss_fn, c.batches, k=2, bn=c.bn),
+        lambda c: hessian_trace(c.model, c.loss_fn, c.batches, n_probes=6, bn=c.bn),
+        lambda c: hessian_density(c.model, c.loss_fn, c.batches, n_iter=5, n_runs=2, bn=c.bn),
+        lambda c: hessian_outliers(c.model, c.loss_fn, c.batches, num_classes=3, bn=c.bn),
+    ],
+    ids=["eigenvalues", "trace", "density", "outliers"],
+)
+@pytest.mark.parametrize("name", ["mlp-bn", "mlp-bn-running", "vgg-dbn"])
+def test_every_probe_leaves_the_model_as_found(probe, name):
+    case = CASES[name]()
+    case.model.train()
+    for p in case.model.parameters():
+        p.grad = torch.full_like(p, 0.5)  # populated gradients must survive too
+    torch.manual_seed(123)
+    state = ModelState.capture(case.model)
+    probe(case)
+    assert state.differences(case.model) == []
