@@ -13,7 +13,36 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-__all__ = ["capture", "capture_layer_inputs", "capture_layer_outputs", "select_modules"]
+__all__ = [
+    "capture",
+    "capture_layer_inputs",
+    "capture_layer_outputs",
+    "layer_weight_name",
+    "parameterized_layers",
+    "select_modules",
+]
+
+
+def layer_weight_name(module: nn.Module) -> str | None:
+    """The parameter that makes ``module`` a layer, or None: ``weight_v`` (a weight-normalized layer's
+    direction) or a ``weight`` of ≥ 2 dimensions (Linear, Conv, Embedding) that the module owns itself.
+
+    This is the one definition of a "parameterized layer" every probe uses; norm layers (1-D affine
+    ``weight``) and containers are not layers.
+    """
+    own = dict(module.named_parameters(recurse=False))
+    if own.get("weight_v") is not None:
+        return "weight_v"
+    weight = own.get("weight")
+    if weight is not None and weight.dim() >= 2:
+        return "weight"
+    return None
+
+
+def parameterized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every parameterized layer of ``model`` (:func:`layer_weight_name`), by qualified name, in
+    registration order (the root module's name is ``""``)."""
+    return {name: m for name, m in model.named_modules() if layer_weight_name(m) is not None}
 
 
 def select_modules(

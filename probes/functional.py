@@ -10,6 +10,7 @@ exactly as before. :class:`ModelState` snapshots all of them; :func:`preserved` 
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ __all__ = [
     "preserved",
     "probe_guard",
     "resolve_params",
+    "simulate_optimizer_step",
 ]
 
 #: How batch-dependent norm layers normalize during a probe (DESIGN.md).
@@ -382,3 +384,33 @@ def functional_loss(
         for b in range(len(pairs)):  # fail early: non-scalar loss, a batch of one under bn="batch"
             f.batch_loss(f.theta0, b)
     return f, f.theta0.clone()
+
+
+def simulate_optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    params: dict[str, nn.Parameter],
+    grads: dict[str, Tensor | None],
+) -> dict[str, Tensor]:
+    """W' for every parameter the optimizer holds: its step from ``grads``, run on a deep copy.
+
+    The copy's memo maps each real parameter to a fresh clone, so the copied ``param_groups`` and
+    ``state`` (momentum buffers, Adam moments, step counts) refer to the clones only; the real
+    optimizer and parameters are not touched. Parameters with no gradient are skipped (as ``step`` does).
+    """
+    by_id = {id(p): name for name, p in params.items()}
+    clones: dict[str, Tensor] = {}
+    memo: dict[int, Any] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = by_id.get(id(p))
+            clone = p.detach().clone().requires_grad_(p.requires_grad)
+            if name is not None and grads.get(name) is not None:
+                clone.grad = grads[name].detach().clone()
+                clones[name] = clone
+            memo[id(p)] = clone
+    shadow = copy.deepcopy(optimizer, memo)
+    shadow._optimizer_step_pre_hooks.clear()  # the copy's own hooks only; the real ones stay
+    shadow._optimizer_step_post_hooks.clear()
+    with torch.no_grad():
+        shadow.step()
+    return {name: c.detach() for name, c in clones.items()}

@@ -1,0 +1,475 @@
+"""Internal covariate shift (ICS), both definitions.
+
+**Optimization ICS** (Santurkar, Tsipras, Ilyas & Madry 2018, "How does batch normalization help
+optimization?", Definition 2.1): for layer i with parameters W_i,
+
+    G  = ∇_{W_i} L(W_1, …, W_k; x, y)
+    G' = ∇_{W_i} L(W'_1, …, W'_{i−1}, W_i, …, W_k; x, y)
+
+where W'_j is what the optimizer's next step makes of W_j from the current gradient, and (x, y) is the
+same batch for both. ICS_i = ‖G − G'‖₂; :func:`ics_gradient_change` also reports ‖G − G'‖/‖G‖ and
+cos(G, G'). The step is simulated: a deep copy of the optimizer (its state and hyperparameters) steps
+cloned tensors, so the real optimizer, its state and the model are untouched.
+
+**Distributional ICS** (Ioffe & Szegedy 2015, "Batch normalization: accelerating deep network
+training by reducing internal covariate shift"): the change, between two moments of training, of the
+distribution of each layer's input on a fixed probe batch. :func:`layer_input_statistics` takes the
+per-unit statistics at one moment, :func:`distribution_shift` compares two of them (change of mean, of
+variance, and the 1-Wasserstein distance between each unit's empirical input distributions).
+
+**What is a layer.** A *parameterized layer* is a module that directly owns (``recurse=False``) a
+parameter with two or more dimensions: a weight matrix or kernel (``nn.Linear``, ``nn.Conv*``,
+``nn.Embedding``, whybn's weight-normalized wrappers with ``weight_v``). Its parameters W_i are every
+trainable parameter it owns directly (weight and bias; ``weight_v``, ``weight_g`` and bias). Norm
+layers own only one-dimensional affine parameters (γ, β), so they are not layers here; their
+parameters, like every other parameter, are placed by forward-execution order.
+
+**What "preceding" means.** During the full-gradient evaluation every module that owns parameters is
+timestamped by its first forward call (a forward pre-hook). The parameters updated for layer i are all
+trainable parameters whose owner started before layer i: earlier layers' weights and biases *and* the
+affine parameters of norm layers (or any other parameterized module) that ran before it. So a BN
+layer's γ, β right after layer j < i are part of the network preceding layer i, while those right
+after layer i are not. Layer 1 has nothing before it in a plain net (G' = G exactly, ICS 0, no
+gradient spent); a parameterized module that runs before the first layer (an input norm with affine
+parameters) does precede it. Parameters the optimizer does not hold never move (W'_j = W_j).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from probes.activations import capture_layer_inputs, parameterized_layers, select_modules
+from probes.functional import (
+    FunctionalLoss,
+    as_batches,
+    norm_mode,
+    probe_guard,
+    resolve_params,
+    simulate_optimizer_step,
+)
+
+__all__ = [
+    "ICSResult",
+    "InputStatistics",
+    "LayerICS",
+    "LayerInputStatistics",
+    "LayerShift",
+    "ShiftResult",
+    "distribution_shift",
+    "ics_gradient_change",
+    "layer_input_statistics",
+    "parameterized_layers",
+    "wasserstein1",
+]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Batches = tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]]
+Layers = Sequence[type[nn.Module] | str | nn.Module] | Mapping[str, nn.Module] | None
+
+#: Optimizers whose step :func:`ics_gradient_change` simulates (per-parameter updates only).
+SUPPORTED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
+def _select_layers(model: nn.Module, layers: Layers) -> dict[str, nn.Module]:
+    """The chosen parameterized layers (``None``: all); an entry that is not one raises ``ValueError``."""
+    candidates = parameterized_layers(model)
+    if not candidates:
+        raise ValueError(
+            "model: no parameterized layer (a module owning a weight with ≥ 2 dimensions, such as "
+            "Linear or Conv)"
+        )
+    if layers is None:
+        return candidates
+    chosen = select_modules(model, layers)
+    bad = [n or "<model>" for n, m in chosen.items() if n not in candidates]
+    if bad:
+        raise ValueError(f"layers: not parameterized layers (no weight with ≥ 2 dims): {', '.join(bad)}")
+    if not chosen:
+        raise ValueError("layers: the selection is empty")
+    return chosen
+
+
+# ------------------------------------------------------------------------------ optimization ICS
+
+
+@dataclass(frozen=True)
+class LayerICS:
+    """Santurkar et al. (2018) Def. 2.1 for one layer: G vs G' (its parameters flattened together).
+
+    ``preceding``: the names of the parameters that were moved by the simulated step for G'.
+    """
+
+    layer: str
+    l2: float  # ‖G − G'‖₂
+    relative_l2: float  # ‖G − G'‖₂ / ‖G‖₂ (nan when G = 0)
+    cosine: float  # ⟨G, G'⟩ / (‖G‖ ‖G'‖) (nan when either is 0)
+    grad_norm: float = float("nan")  # ‖G‖₂
+    preceding: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ICSResult:
+    """One :class:`LayerICS` per layer in forward-execution order; ``n_gradients`` evaluations spent."""
+
+    layers: tuple[LayerICS, ...]
+    n_gradients: int
+
+    def to_records(self) -> list[dict[str, Any]]:
+        return [
+            {"probe": "ics_gradient_change", "layer": r.layer, "metric": metric, "value": float(value)}
+            for r in self.layers
+            for metric, value in (("l2", r.l2), ("relative_l2", r.relative_l2), ("cosine", r.cosine))
+        ]
+
+    def __getitem__(self, layer: str) -> LayerICS:
+        for r in self.layers:
+            if r.layer == layer:
+                return r
+        raise KeyError(layer)
+
+
+def _check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    if not isinstance(optimizer, SUPPORTED_OPTIMIZERS):
+        names = ", ".join(f"torch.optim.{c.__name__}" for c in SUPPORTED_OPTIMIZERS)
+        raise ValueError(f"optimizer: only {names} are supported, got {type(optimizer).__name__}")
+    model_ids = {id(p) for p in model.parameters()}
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    foreign = [p for p in held if id(p) not in model_ids]
+    if foreign or not held:
+        raise ValueError(
+            f"optimizer: does not own the model's parameters ({len(foreign)} of its {len(held)} "
+            "tensors are not parameters of the model)"
+        )
+
+
+def _norm(t: Tensor) -> float:
+    return float(torch.linalg.vector_norm(t))
+
+
+def _compare(layer: str, g: Tensor, g2: Tensor, preceding: tuple[str, ...]) -> LayerICS:
+    n, n2 = _norm(g), _norm(g2)
+    l2 = _norm(g - g2)
+    if g2 is g:
+        cosine = 1.0 if n > 0 else math.nan
+    else:
+        cosine = max(-1.0, min(1.0, float(g @ g2) / (n * n2))) if n > 0 and n2 > 0 else math.nan
+    return LayerICS(layer, l2, l2 / n if n > 0 else math.nan, cosine, n, preceding)
+
+
+def ics_gradient_change(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batches,
+    optimizer: torch.optim.Optimizer,
+    *,
+    bn: str = "batch",
+    layers: Layers = None,
+) -> ICSResult:
+    """Internal covariate shift as gradient change (Santurkar et al. 2018, Def. 2.1), per layer.
+
+    For each parameterized layer i (module docstring), in forward-execution order::
+
+        G  = ∇_{W_i} L(W_1, …, W_k)          G' = ∇_{W_i} L(W'_1, …, W'_{i−1}, W_i, …, W_k)
+
+    on the same ``batch`` (an ``(inputs, targets)`` pair, or several: the sample-weighted mean loss).
+    W'_j = the step ``optimizer`` (``torch.optim.SGD``/``Adam``/``AdamW``, any momentum, Nesterov,
+    weight decay, AMSGrad) would take from the current gradient ∇L and its current state, simulated on
+    a deep copy. "Preceding" = every trainable parameter whose module first ran before layer i (norm
+    affine parameters included). Reports ``l2`` = ‖G − G'‖₂, ``relative_l2`` = ‖G − G'‖/‖G‖ and
+    ``cosine`` = cos(G, G').
+
+    ``bn``: ``"batch"`` (the training loss, no running-statistic update) or ``"running"`` (eval mode).
+    ``layers``: restrict to some parameterized layers (names, modules or types). Cost: one full
+    gradient plus one gradient per layer with something before it (≤ layers + 1). The model, its
+    gradients, the RNG, the optimizer and its state are left exactly as found.
+
+    ``ValueError``: a model without a parameterized layer, an unsupported optimizer or one holding
+    tensors that are not the model's parameters, a ``layers`` entry that is no parameterized layer or
+    never ran.
+    """
+    selected = _select_layers(model, layers)
+    _check_optimizer(optimizer, model)
+    chosen = resolve_params(model, None)
+    f = FunctionalLoss(model, loss_fn, as_batches(batch), chosen, bn)
+    params = dict(chosen)
+    name_of = {id(p): n for n, p in params.items()}
+    owners: dict[str, list[nn.Module]] = {}  # a tied parameter has several owners
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if id(p) in name_of:
+                owners.setdefault(name_of[id(p)], []).append(module)
+
+    with probe_guard(model):
+        # 1) the full gradient, timestamping each parameter-owning module's first call
+        order: dict[int, int] = {}
+
+        def stamp(module: nn.Module, _args: tuple) -> None:
+            order.setdefault(id(module), len(order))
+
+        owning = {id(m): m for ms in owners.values() for m in ms} | {id(m): m for m in selected.values()}
+        handles = [m.register_forward_pre_hook(stamp) for m in owning.values()]
+        try:
+            theta = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
+            grads = torch.autograd.grad(f(theta), list(theta.values()), allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        n_gradients = 1
+        full = dict(zip(params, grads, strict=True))
+
+        never = [n or "<model>" for n, m in selected.items() if id(m) not in order]
+        if never and layers is not None:
+            raise ValueError(f"layers: never ran during the forward pass: {', '.join(never)}")
+        ran = sorted(((n, m) for n, m in selected.items() if id(m) in order), key=lambda nm: order[id(nm[1])])
+        position = {
+            name: min((order[id(m)] for m in ms if id(m) in order), default=math.inf)
+            for name, ms in owners.items()
+        }
+
+        # 2) W' for everything the optimizer holds, from the current gradient
+        updated = simulate_optimizer_step(optimizer, params, full)
+
+        # 3) per layer, G' with the preceding parameters moved
+        results = []
+        for layer_name, module in ran:
+            own_ids = {id(p) for p in module.parameters(recurse=False)}
+            own = [n for n, p in params.items() if id(p) in own_ids]
+            if not own:  # no trainable parameter of its own
+                continue
+            g = torch.cat([_dense(full[n], params[n]) for n in own])
+            start = order[id(module)]
+            preceding = tuple(n for n in params if position[n] < start and n not in own and n in updated)
+            if not preceding:
+                results.append(_compare(layer_name, g, g, preceding))
+                continue
+            values = {
+                n: updated[n] if n in preceding else p.detach() for n, p in params.items() if n not in own
+            }
+            leaves = {n: params[n].detach().clone().requires_grad_(True) for n in own}
+            g_new = torch.autograd.grad(f({**values, **leaves}), list(leaves.values()), allow_unused=True)
+            n_gradients += 1
+            g2 = torch.cat([_dense(t, params[n]) for n, t in zip(own, g_new, strict=True)])
+            results.append(_compare(layer_name, g, g2, preceding))
+    return ICSResult(tuple(results), n_gradients)
+
+
+def _dense(grad: Tensor | None, like: Tensor) -> Tensor:
+    """A flat gradient; an unused parameter's (``None``) is zero."""
+    return (
+        torch.zeros(like.numel(), dtype=like.dtype, device=like.device)
+        if grad is None
+        else grad.detach().reshape(-1)
+    )
+
+
+# ------------------------------------------------------------------------------ distributional ICS
+
+
+@dataclass(frozen=True)
+class LayerInputStatistics:
+    """Per-unit statistics of one layer's input (units = dim 1; batch and spatial positions pooled).
+
+    ``sorted_samples`` ``(units, samples)``: each unit's input values in ascending order, the empirical
+    distribution that :func:`wasserstein1` compares. Variances are population variances (ddof = 0, as
+    BN normalizes); percentiles use numpy's default linear interpolation.
+    """
+
+    layer: str
+    mean: np.ndarray  # (units,)
+    var: np.ndarray  # (units,)
+    percentile_levels: tuple[float, ...]
+    percentiles: np.ndarray  # (len(percentile_levels), units)
+    sorted_samples: np.ndarray  # (units, samples)
+
+    @property
+    def n_units(self) -> int:
+        return int(self.mean.shape[0])
+
+    def to_records(self, n_units: int = 0) -> list[dict[str, Any]]:
+        """The mean over units of each statistic; with ``n_units`` > 0 also the first units' values."""
+        base = {"probe": "layer_input_statistics", "layer": self.layer}
+        stats = [("mean", self.mean), ("var", self.var)]
+        stats += [
+            (f"p{level:g}", row) for level, row in zip(self.percentile_levels, self.percentiles, strict=True)
+        ]
+        rows = [{**base, "metric": metric, "value": float(values.mean())} for metric, values in stats]
+        for u in range(min(n_units, self.n_units)):
+            rows += [
+                {**base, "metric": metric, "unit": u, "value": float(values[u])} for metric, values in stats
+            ]
+        return rows
+
+
+@dataclass(frozen=True)
+class InputStatistics:
+    """:class:`LayerInputStatistics` per layer, in the order the layers first ran."""
+
+    layers: tuple[LayerInputStatistics, ...]
+
+    def __getitem__(self, layer: str) -> LayerInputStatistics:
+        for s in self.layers:
+            if s.layer == layer:
+                return s
+        raise KeyError(layer)
+
+    def to_records(self, n_units: int = 0) -> list[dict[str, Any]]:
+        return [row for s in self.layers for row in s.to_records(n_units)]
+
+
+def _inputs_of(batch: Tensor | Batches) -> list[Tensor]:
+    if isinstance(batch, Tensor):
+        return [batch]
+    return [x for x, _ in as_batches(batch)]
+
+
+def _per_unit(x: Tensor) -> Tensor:
+    """``(N, C, *spatial)`` → ``(C, N·S)``: each unit's samples (a 1-D input is one unit)."""
+    if x.dim() == 1:
+        return x.reshape(1, -1)
+    return x.transpose(0, 1).reshape(x.shape[1], -1)
+
+
+def layer_input_statistics(
+    model: nn.Module,
+    batch: Tensor | Batches,
+    *,
+    layers: Layers = None,
+    bn: str = "batch",
+    percentiles: Sequence[float] = (15, 50, 85),
+) -> InputStatistics:
+    """The distribution of each layer's input on a fixed probe batch (Ioffe & Szegedy 2015).
+
+    For unit c (dim 1; batch and spatial positions pooled into samples x_{c,1..M}): the mean μ_c, the
+    population variance σ²_c = mean_m (x_{c,m} − μ_c)², the requested percentiles (linear
+    interpolation), and the sorted samples. ``batch``: inputs, an ``(inputs, targets)`` pair or several
+    (their layer inputs are pooled). ``layers``: default every parameterized layer (module docstring);
+    names, modules or types select others (any module). ``bn`` as everywhere: ``"batch"`` normalizes
+    with the probe batch's statistics, ``"running"`` with the running ones. The model is left as found.
+    """
+    levels = tuple(float(q) for q in percentiles)
+    if any(not 0 <= q <= 100 for q in levels):
+        raise ValueError(f"percentiles: expected values in [0, 100], got {levels}")
+    modules = parameterized_layers(model) if layers is None else select_modules(model, layers)
+    if not modules:
+        raise ValueError("model: no parameterized layer (a module owning a weight with ≥ 2 dimensions)")
+    xs = _inputs_of(batch)
+    order: dict[str, int] = {}
+    with probe_guard(model), norm_mode(model, bn), torch.no_grad():
+
+        def stamp(name: str) -> Callable[[nn.Module, tuple], None]:
+            def hook(_module: nn.Module, _args: tuple) -> None:  # None: the input is left alone
+                order.setdefault(name, len(order))
+
+            return hook
+
+        handles = [m.register_forward_pre_hook(stamp(name)) for name, m in modules.items()]
+        try:
+            with capture_layer_inputs(model, modules) as inputs:
+                for x in xs:
+                    model(x)
+        finally:
+            for h in handles:
+                h.remove()
+    stats = []
+    for name in sorted(inputs, key=order.__getitem__):
+        samples = _per_unit(inputs[name]).double()  # (units, M)
+        ordered = torch.sort(samples, dim=1).values
+        q = torch.tensor(levels, dtype=torch.float64) / 100
+        stats.append(
+            LayerInputStatistics(
+                layer=name,
+                mean=samples.mean(1).numpy(),
+                var=samples.var(1, unbiased=False).numpy(),
+                percentile_levels=levels,
+                percentiles=torch.quantile(ordered, q, dim=1).numpy().reshape(len(levels), -1),
+                sorted_samples=ordered.numpy(),
+            )
+        )
+    return InputStatistics(tuple(stats))
+
+
+def wasserstein1(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """W1 between the empirical distributions of each row of ``a`` ``(units, n)`` and ``b`` ``(units, m)``.
+
+    W1(P, Q) = ∫₀¹ |F_P⁻¹(u) − F_Q⁻¹(u)| du with the empirical quantile functions
+    F⁻¹(u) = x_(⌈u n⌉) of the sorted samples (rows must be sorted ascending). Exact for any n, m: the
+    integrand is constant between consecutive breakpoints {k/n} ∪ {l/m}; for n = m it is
+    mean_k |a_(k) − b_(k)|.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
+        raise ValueError(f"expected (units, samples) arrays with the same units, got {a.shape} and {b.shape}")
+    n, m = a.shape[1], b.shape[1]
+    if n == m:
+        return np.abs(a - b).mean(1)
+    breaks = np.union1d(np.arange(n + 1) / n, np.arange(m + 1) / m)  # sorted, from 0 to 1
+    mid = (breaks[:-1] + breaks[1:]) / 2
+    ia = np.minimum((mid * n).astype(np.int64), n - 1)
+    ib = np.minimum((mid * m).astype(np.int64), m - 1)
+    return (np.abs(a[:, ia] - b[:, ib]) * np.diff(breaks)).sum(1)
+
+
+@dataclass(frozen=True)
+class LayerShift:
+    """Change of one layer's input distribution between two probe points (means over units)."""
+
+    layer: str
+    mean_shift: float  # mean_c |μ'_c − μ_c|
+    var_shift: float  # mean_c |σ'²_c − σ²_c|
+    wasserstein: float  # mean_c W1(P_c, P'_c)
+
+
+@dataclass(frozen=True)
+class ShiftResult:
+    layers: tuple[LayerShift, ...]
+
+    def __getitem__(self, layer: str) -> LayerShift:
+        for s in self.layers:
+            if s.layer == layer:
+                return s
+        raise KeyError(layer)
+
+    def to_records(self) -> list[dict[str, Any]]:
+        return [
+            {"probe": "distribution_shift", "layer": s.layer, "metric": metric, "value": float(value)}
+            for s in self.layers
+            for metric, value in (
+                ("mean_shift", s.mean_shift),
+                ("var_shift", s.var_shift),
+                ("wasserstein", s.wasserstein),
+            )
+        ]
+
+
+def distribution_shift(before: InputStatistics, after: InputStatistics) -> ShiftResult:
+    """Distributional ICS between two probe points (Ioffe & Szegedy 2015), per layer in both.
+
+    mean_shift = mean_c |Δμ_c|, var_shift = mean_c |Δσ²_c|, wasserstein = mean_c W1(P_c, P'_c) between
+    the empirical distributions of unit c's input (:func:`wasserstein1`, exact on the stored sorted
+    samples). Layers present in only one of the two raise ``ValueError``, as do differing unit counts.
+    """
+    names_a = [s.layer for s in before.layers]
+    names_b = {s.layer for s in after.layers}
+    if set(names_a) != names_b:
+        raise ValueError(f"after: layers differ from before's ({sorted(names_a)} vs {sorted(names_b)})")
+    shifts = []
+    for a in before.layers:
+        b = after[a.layer]
+        if a.n_units != b.n_units:
+            raise ValueError(f"after: layer {a.layer!r} has {b.n_units} units, before {a.n_units}")
+        shifts.append(
+            LayerShift(
+                layer=a.layer,
+                mean_shift=float(np.abs(b.mean - a.mean).mean()),
+                var_shift=float(np.abs(b.var - a.var).mean()),
+                wasserstein=float(wasserstein1(a.sorted_samples, b.sorted_samples).mean()),
+            )
+        )
+    return ShiftResult(tuple(shifts))

@@ -1,0 +1,290 @@
+"""Conditioning probes against closed forms, numpy references and hand-computed K-FAC factors (float64)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from probes.activations import capture_layer_inputs
+from probes.conditioning import (
+    covariance_spectrum,
+    default_layers,
+    gd_iterations_to_tolerance,
+    kfac_factor_conditioning,
+    layer_input_conditioning,
+    least_squares_conditioning,
+    make_least_squares,
+    normalization_disturbance,
+    rank_collapse,
+    spectrum_stats,
+    whitening_transform,
+)
+from probes.functional import ModelState, norm_mode
+from studies.lab.norms import DecorrelatedBatchNorm, IterNorm
+from tests.cases import net_case
+
+
+def gaussian(n: int, d: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# ------------------------------------------------------------------------------ covariance spectra
+
+
+def test_closed_form_spectrum_stats():
+    s = spectrum_stats(torch.diag(torch.tensor([1.0, 4.0, 1.0], dtype=torch.float64)))
+    np.testing.assert_allclose(s.eigenvalues, [4.0, 1.0, 1.0])
+    assert s.condition_number == pytest.approx(4.0)
+    assert s.effective_rank == pytest.approx(36 / 18)  # (Σλ)²/Σλ²
+    assert s.stable_rank == pytest.approx(6 / 4)  # Σλ/λmax
+    assert s.whiteness == pytest.approx(math.sqrt(1.5))  # diag(2, .5, .5) − I
+    assert s.numerical_rank == 3 and s.trace == pytest.approx(6.0)
+
+
+def test_stable_rank_is_that_of_the_centered_data_matrix():
+    x = gaussian(50, 4, 0) @ torch.diag(torch.tensor([3.0, 1.0, 0.5, 0.1], dtype=torch.float64))
+    xc = (x - x.mean(0)).numpy()
+    s = covariance_spectrum(x)
+    assert s.stable_rank == pytest.approx(np.linalg.norm(xc) ** 2 / np.linalg.norm(xc, 2) ** 2)
+    c = xc.T @ xc / 50
+    assert s.effective_rank == pytest.approx(np.trace(c) ** 2 / np.linalg.norm(c) ** 2)
+    np.testing.assert_allclose(s.eigenvalues, np.linalg.eigvalsh(c)[::-1], rtol=1e-12)
+    u = covariance_spectrum(x, center=False)
+    np.testing.assert_allclose(u.eigenvalues, np.linalg.eigvalsh(x.numpy().T @ x.numpy() / 50)[::-1])
+
+
+def test_isotropic_and_rank_one_data():
+    iso = covariance_spectrum(gaussian(20000, 5, 1))
+    assert iso.effective_rank == pytest.approx(5.0, rel=0.01)
+    assert iso.stable_rank > 4.5 and iso.condition_number < 1.1 and iso.whiteness < 0.05
+    z, v = gaussian(100, 1, 2), gaussian(1, 6, 3)
+    one = covariance_spectrum(z @ v)
+    assert one.effective_rank == pytest.approx(1.0) and one.stable_rank == pytest.approx(1.0)
+    assert one.numerical_rank == 1 and one.condition_number == math.inf
+
+
+def test_spatial_positions_pool_as_samples():
+    x = gaussian(6 * 3 * 2 * 2, 1, 4).view(6, 3, 2, 2)
+    pooled = x.permute(0, 2, 3, 1).reshape(-1, 3).numpy()
+    np.testing.assert_allclose(
+        covariance_spectrum(x).eigenvalues,
+        np.linalg.eigvalsh(np.atleast_2d(np.cov(pooled.T, bias=True)))[::-1],
+    )
+
+
+def test_zca_whitened_data_is_white():
+    x, _, _ = make_least_squares(400, 6, correlated=True, seed=0)
+    zca = least_squares_conditioning(x)["zca"]
+    assert zca.whiteness < 1e-8 and zca.condition_number == pytest.approx(1.0, abs=1e-8)
+    white = whitening_transform(torch.as_tensor(x), method="zca", eps=0.0)
+    assert covariance_spectrum(white).whiteness < 1e-8
+
+
+# ---------------------------------------------------------------------------------- least squares
+
+
+def test_standardization_fixes_scaling_but_only_whitening_fixes_correlation():
+    scaled = least_squares_conditioning(make_least_squares(2000, 8, correlated=False, seed=0)[0])
+    assert scaled["raw"].condition_number > 50
+    assert scaled["standardized"].condition_number < 1.3
+    corr = least_squares_conditioning(make_least_squares(2000, 8, correlated=True, seed=0)[0])
+    expected = (1 + 7 * 0.95) / 0.05  # κ of the equicorrelation matrix
+    assert corr["standardized"].condition_number == pytest.approx(expected, rel=0.2)
+    assert corr["raw"].condition_number > 50
+    for kind in ("pca", "zca"):
+        assert corr[kind].condition_number == pytest.approx(1.0, abs=1e-8)
+        assert scaled[kind].condition_number == pytest.approx(1.0, abs=1e-8)
+
+
+def _features(x: np.ndarray) -> dict[str, np.ndarray]:
+    xc = x - x.mean(0)
+    lam, u = np.linalg.eigh(xc.T @ xc / len(x))
+    return {"raw": x, "standardized": xc / x.std(0), "zca": xc @ u / np.sqrt(lam) @ u.T}
+
+
+@pytest.mark.parametrize("correlated", [False, True])
+def test_gd_iterations_follow_condition_numbers(correlated):
+    x, y, _ = make_least_squares(1000, 8, correlated=correlated, seed=1)
+    runs = {k: gd_iterations_to_tolerance(v, y, tol=1e-6) for k, v in _features(x).items()}
+    kappas = {k: r.condition_number for k, r in runs.items()}
+    assert all(r.converged for r in runs.values())
+    for a in runs:  # ordered as κ wherever the condition numbers differ clearly (2×)
+        for b in runs:
+            if kappas[a] > 2 * kappas[b]:
+                assert runs[a].iterations > runs[b].iterations, (a, b)
+    if not correlated:
+        assert runs["raw"].iterations > runs["standardized"].iterations > runs["zca"].iterations
+    assert runs["zca"].iterations <= 2  # H = I: one step of size 1 solves it
+    for r in runs.values():  # excess loss ≤ (1 − 1/κ)^{2k}: k ≤ (κ/2) ln(1/tol) + 1
+        assert r.iterations <= r.condition_number / 2 * math.log(1e6) + 1
+    if correlated:
+        assert runs["standardized"].iterations > 20 * runs["zca"].iterations
+
+
+# ------------------------------------------------------------------------------ layer conditioning
+
+
+@pytest.mark.parametrize("name", ["mlp-bn", "mlp-none", "vgg-dbn", "mlp-wn"])
+@pytest.mark.parametrize("bn", ["batch", "running"])
+def test_layer_input_conditioning_matches_numpy_and_leaves_model(name, bn):
+    case = net_case(*name.split("-"))
+    model, (x, y) = case.model, case.batches[0]
+    batches = [(x, y), (x[:5] * 2, y[:5])]
+    state = ModelState.capture(model)
+    result = layer_input_conditioning(model, batches, bn=bn)
+    assert state.differences(model) == []
+    assert list(result.layers) == list(default_layers(model))
+    with norm_mode(model, bn), torch.no_grad(), capture_layer_inputs(model, default_layers(model)) as ins:
+        for xb, _ in batches:
+            model(xb)
+    state.restore(model)
+    for layer, a in ins.items():
+        rows = a.movedim(1, -1).reshape(-1, a.shape[1]).numpy()
+        ref = np.linalg.eigvalsh(np.atleast_2d(np.cov(rows.T, bias=True)))[::-1]
+        np.testing.assert_allclose(result[layer].eigenvalues, np.clip(ref, 0, None), atol=1e-12)
+        assert result[layer].n_samples == rows.shape[0]
+    assert {r["metric"] for r in result.to_records()} >= {"condition_number", "effective_rank", "whiteness"}
+
+
+def test_bad_inputs_name_the_argument():
+    case = net_case("mlp", "none")
+    model, batch = case.model, case.batches[0]
+    model.unused = nn.Linear(2, 2).double()
+    with pytest.raises(ValueError, match="layers"):
+        layer_input_conditioning(model, batch)
+    with pytest.raises(ValueError, match="layers"):
+        layer_input_conditioning(nn.Sequential(nn.ReLU()), batch)
+    with pytest.raises(ValueError, match="bn"):
+        layer_input_conditioning(model, batch, layers=["head"], bn="eval")
+    with pytest.raises(ValueError, match="batch_size"):
+        normalization_disturbance(batch[0], batch_size=1)
+    with pytest.raises(ValueError, match="batch"):
+        rank_collapse(model, batch[0][:1])
+    with pytest.raises(ValueError, match="layers"):
+        kfac_factor_conditioning(nn.Sequential(nn.ReLU()), F.cross_entropy, batch)
+
+
+# ----------------------------------------------------------------------------------- rank collapse
+
+
+def deep_mlp(depth: int, width: int, norm: bool, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), *([nn.BatchNorm1d(width)] if norm else []), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, 3)).double()
+
+
+def test_bn_avoids_rank_collapse_of_deep_relu_net():
+    x = gaussian(64, 32, 1)
+    plain, bn = deep_mlp(30, 32, norm=False), deep_mlp(30, 32, norm=True)
+    state = ModelState.capture(bn)
+    collapsed, kept = rank_collapse(plain, (x, None)), rank_collapse(bn, (x, None))
+    assert state.differences(bn) == []
+    assert collapsed.layer == "60" and kept.layer == "90"  # the classifier's input
+    assert collapsed.effective_rank < 1.05 and collapsed.mean_cosine > 0.99
+    assert kept.effective_rank > 4 * collapsed.effective_rank and kept.mean_cosine < 0.6
+    assert kept.numerical_rank == 32 and kept.stable_rank > 2
+    s2 = kept.singular_values**2
+    assert kept.effective_rank == pytest.approx(s2.sum() ** 2 / (s2**2).sum())
+
+
+# ------------------------------------------------------------------------- whitening stochasticity
+
+
+def test_transforms_match_the_norm_layers():
+    x = gaussian(40, 8, 5)
+    for whitening in ("zca", "pca"):
+        layer = DecorrelatedBatchNorm(8, group_size=4, whitening=whitening, affine=False).double()
+        np.testing.assert_allclose(
+            whitening_transform(x, method=whitening, group_size=4), layer(x).detach(), atol=1e-10
+        )
+    layer = IterNorm(8, group_size=8, iterations=3, affine=False).double()
+    np.testing.assert_allclose(
+        whitening_transform(x, method="iternorm", iterations=3), layer(x).detach(), atol=1e-10
+    )
+    bn = F.batch_norm(x, None, None, training=True, eps=1e-5)
+    np.testing.assert_allclose(whitening_transform(x, method="bn"), bn, atol=1e-12)
+    np.testing.assert_allclose(whitening_transform(x, method="zca", group_size=1), bn, atol=1e-12)
+    y = whitening_transform(x, method="cholesky", eps=0.0)
+    np.testing.assert_allclose(y.T @ y / 40, torch.eye(8, dtype=torch.float64), atol=1e-10)
+
+
+def test_snd_zero_for_full_batch():
+    x = gaussian(64, 8, 6)
+    for method in ("bn", "zca", "pca", "iternorm", "cholesky"):
+        assert normalization_disturbance(x, method=method, batch_size=64, n_batches=3).mean == 0.0
+
+
+def test_snd_decreases_with_batch_size_and_increases_with_group_size():
+    x = gaussian(256, 16, 2)
+    snd = {
+        m: [
+            normalization_disturbance(x, method=m, batch_size=b, n_batches=20).mean for b in (16, 32, 64, 128)
+        ]
+        for m in ("bn", "zca")
+    }
+    for m, values in snd.items():
+        assert values == sorted(values, reverse=True), m
+    assert all(b < z for b, z in zip(snd["bn"], snd["zca"], strict=True))
+    groups = [
+        normalization_disturbance(x, method="zca", batch_size=32, group_size=g, n_batches=20)
+        for g in (1, 2, 4, 8, 16)
+    ]
+    means = [r.mean for r in groups]
+    assert means == sorted(means) and means[-1] > 1.5 * means[0]
+    assert [r.group_size for r in groups] == [1, 2, 4, 8, 16]
+    assert groups[0].n_draws >= 2 and len(groups[0].to_records()) == 2
+
+
+# -------------------------------------------------------------------------------------------- K-FAC
+
+
+def test_kfac_factors_equal_hand_computed():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3, bias=False)).double()
+    gen = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(n, 3, generator=gen, dtype=torch.float64), torch.randint(0, 3, (n,), generator=gen))
+        for n in (5, 7)
+    ]
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    state = ModelState.capture(model)
+    result = kfac_factor_conditioning(model, F.cross_entropy, batches)
+    assert state.differences(model) == []
+    x = torch.cat([b[0] for b in batches])
+    t = torch.cat([b[1] for b in batches])
+    w1, b1, w2 = model[0].weight.detach(), model[0].bias.detach(), model[2].weight.detach()
+    h = torch.tanh(x @ w1.T + b1)
+    g2 = torch.softmax(h @ w2.T, dim=1) - F.one_hot(t, 3)  # n_b ∂L_b/∂s₂ for the mean CE loss
+    g1 = (g2 @ w2) * (1 - h**2)
+    a1 = torch.cat([x, torch.ones(12, 1, dtype=torch.float64)], dim=1)
+    n = 12
+    expected = {"0": (a1.T @ a1 / n, g1.T @ g1 / n), "2": (h.T @ h / n, g2.T @ g2 / n)}
+    assert list(result.layers) == ["0", "2"]
+    for name, (a, g) in expected.items():
+        np.testing.assert_allclose(result[name].A, a, atol=1e-12)
+        np.testing.assert_allclose(result[name].G, g, atol=1e-12)
+        lam = np.linalg.eigvalsh(a.numpy())
+        assert result[name].a_stats.condition_number == pytest.approx(lam[-1] / lam[0])
+    assert result["2"].G.shape == (3, 3) and result["0"].A.shape == (4, 4)
+    assert any(r["metric"] == "condition_number_AxG" for r in result.to_records())
+
+
+def test_kfac_conv_factors_use_unfolded_patches():
+    case = net_case("vgg", "bn")
+    state = ModelState.capture(case.model)
+    result = kfac_factor_conditioning(case.model, case.loss_fn, case.batches, bn=case.bn)
+    assert state.differences(case.model) == []
+    first = result["blocks.0.layer"]
+    assert first.A.shape == (1 * 9 + 1, 1 * 9 + 1) and first.G.shape == (2, 2)
+    x = case.batches[0][0]
+    patches = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 9)
+    rows = torch.cat([patches, torch.ones(len(patches), 1, dtype=torch.float64)], dim=1)
+    np.testing.assert_allclose(first.A, rows.T @ rows / len(rows), atol=1e-12)
+    assert first.a_stats.n_samples == len(rows)
