@@ -1,0 +1,633 @@
+"""Hessian benchmark: whybn's HVPs and eigensolvers vs PyHessian 0.1 and curvlinops 3.0.1.
+
+Run in the benchmark environment (benchmarks/setup.sh builds benchmarks/.venv):
+
+    benchmarks/.venv/bin/python benchmarks/hessian.py [--quick] [--device cpu|cuda] [--threads 2]
+
+Problems (both in train mode with BN, i.e. the loss being trained, at a seeded initialization):
+  * ResNet-20 (width 16) on real Fashion-MNIST 1×28×28 (no 3-channel data set is available offline here);
+  * a 10-layer BN MLP (width 100) on MNIST-1D.
+
+Sections: 1. time of one HVP / one gradient; 2. top-1 / top-5 eigenvalues (value, wall time, HVPs, relative
+error vs a float64 whybn Lanczos reference with a tight tolerance); 3. peak memory of one HVP vs one gradient
+(fresh subprocess per measurement: peak RSS VmHWM, reset with /proc/self/clear_refs, on CPU, torch.cuda.max_memory_allocated on CUDA); 4. targets.
+
+PyHessian "as-is on train mode": ``hessian(model, crit, dataloader=[(x, y)], cuda=False)`` and then
+``model.train()``: with ``dataloader=`` PyHessian re-runs the forward for every HVP (its ``data=`` path runs the
+forward once, in the constructor, in eval mode, so re-setting ``train()`` afterwards would change nothing), so
+it then differentiates the batch-statistics loss — and updates BN's running statistics at every HVP.
+
+OpenBLAS: OPENBLAS_NUM_THREADS=1 is set before numpy loads (DESIGN.md: scipy's eigsh threads fought torch's);
+whybn's own ``method="scipy"`` limits BLAS threads with threadpoolctl anyway.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy/scipy load (DESIGN.md)
+
+import argparse
+import copy
+import datetime
+import importlib.metadata
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from probes.functional import is_batch_dependent  # noqa: E402
+from probes.hessian import hessian_eigenvalues  # noqa: E402
+from probes.hvp import hessian_operator  # noqa: E402
+from studies.lab.data import load_dataset  # noqa: E402
+from studies.lab.nets import make_net  # noqa: E402
+
+SEED = 0
+CRIT = nn.CrossEntropyLoss()
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+
+def problem_specs(quick: bool) -> list[dict]:
+    return [
+        dict(
+            name="MLP-10",
+            arch="mlp",
+            dataset="mnist1d",
+            data_note="MNIST-1D (40,)",
+            in_shape=(40,),
+            depth=10,
+            width=100,
+            batch=128 if quick else 256,
+            heavy=True,
+        ),
+        dict(
+            name="ResNet-20",
+            arch="resnet",
+            dataset="fashion_mnist",
+            data_note="Fashion-MNIST 1x28x28 (real data)",
+            in_shape=(1, 28, 28),
+            depth=20,
+            width=16,
+            batch=16 if quick else 128,
+            heavy=False,  # skip whybn scipy top-5 and PyHessian as-is top-5 (time budget on 2 cores)
+        ),
+    ]
+
+
+def build(spec: dict, device: torch.device) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    opts = {"n_train": 1000} if spec["dataset"] == "fashion_mnist" else {}
+    train, _ = load_dataset(spec["dataset"], **opts)
+    x, y = train.tensors[0][: spec["batch"]], train.tensors[1][: spec["batch"]]
+    torch.manual_seed(SEED)
+    model = make_net(
+        spec["arch"],
+        norm="bn",
+        in_shape=spec["in_shape"],
+        num_classes=10,
+        depth=spec["depth"],
+        width=spec["width"],
+    )
+    return model.to(device).train(), x.to(device), y.to(device).long()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> tuple[float, object]:
+    sync(device)
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t, out
+
+
+def median_time(fn, device, reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    return statistics.median(timed(fn, device)[0] for _ in range(reps))
+
+
+def params_of(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def split(v: torch.Tensor, params) -> list[torch.Tensor]:
+    out, i = [], 0
+    for p in params:
+        out.append(v[i : i + p.numel()].view_as(p))
+        i += p.numel()
+    return out
+
+
+def bn_state(model: nn.Module) -> tuple[int, float]:
+    """(num_batches_tracked, ‖running_mean‖) of the first batch-statistics layer (torch's or whybn's)."""
+    for m in model.modules():
+        if is_batch_dependent(m) and getattr(m, "running_mean", None) is not None:
+            return int(m.num_batches_tracked), float(m.running_mean.norm())
+    return -1, float("nan")
+
+
+def short(e: BaseException, n: int = 110) -> str:
+    s = f"{type(e).__name__}: {e}".replace("\n", " ")
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+# --------------------------------------------------------------------------------- 1. HVP timing
+
+
+def plain_gradient(model, x, y):
+    params = params_of(model)
+    loss = CRIT(model(x), y)
+    return torch.autograd.grad(loss, params)
+
+
+def pyhessian_style_hvp(model, x, y, vs):
+    """A fresh loss and gradient graph per HVP (PyHessian's dataloader path / the usual recipe)."""
+    params = params_of(model)
+    loss = CRIT(model(x), y)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    return torch.autograd.grad(grads, params, grad_outputs=vs)
+
+
+def section_hvp(spec, model, x, y, device, reps) -> dict:
+    rows = []
+    params = params_of(model)
+    n = sum(p.numel() for p in params)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    v = torch.randn(n, generator=g).to(device)
+    vs = split(v, params)
+
+    m = copy.deepcopy(model)  # running stats of this copy absorb the plain-gradient forwards
+    t_grad = median_time(lambda: plain_gradient(m, x, y), device, reps)
+    rows.append(("gradient (torch autograd.grad, train mode)", t_grad, ""))
+
+    def fresh_first():
+        with hessian_operator(model, CRIT, (x, y), method="double_backward") as op:
+            return op.matvec(v)
+
+    t_first = median_time(fresh_first, device, reps)
+    with hessian_operator(model, CRIT, (x, y), method="double_backward") as op:
+        op.matvec(v)
+        t_db = median_time(lambda: op.matvec(v), device, reps)
+        t_wgrad = median_time(lambda: op.gradient(), device, reps)
+    rows.append(("whybn double_backward (graph reused)", t_db, ""))
+    rows.append(("whybn double_backward, first HVP incl. graph", t_first, ""))
+    try:
+        with hessian_operator(model, CRIT, (x, y), method="forward_over_reverse") as op:
+            t_fr = median_time(lambda: op.matvec(v), device, reps)
+        rows.append(("whybn forward_over_reverse", t_fr, ""))
+    except Exception as e:
+        rows.append(("whybn forward_over_reverse", float("nan"), "FAILED " + short(e)))
+
+    m = copy.deepcopy(model)
+    t_pys = median_time(lambda: pyhessian_style_hvp(m, x, y, vs), device, reps)
+    rows.append(("PyHessian-style (fresh graph per HVP, train)", t_pys, ""))
+
+    # PyHessian itself, data=(x, y): graph built once in eval mode in the constructor, then reused
+    try:
+        from pyhessian import hessian as PyH
+        from pyhessian.utils import hessian_vector_product
+
+        m = copy.deepcopy(model)
+        h = PyH(m, CRIT, data=(x, y), cuda=device.type == "cuda")
+        t_pyh = median_time(lambda: hessian_vector_product(h.gradsH, h.params, vs), device, reps)
+        rows.append(("PyHessian 0.1 data= (eval mode, graph reused)", t_pyh, "different network"))
+    except Exception as e:
+        rows.append(("PyHessian 0.1 data=", float("nan"), "FAILED " + short(e)))
+
+    for mode in ("train", "eval"):
+        label = f"curvlinops HessianLinearOperator ({mode})"
+        try:
+            from curvlinops import HessianLinearOperator
+
+            m = copy.deepcopy(model)
+            m.train(mode == "train")
+            op = HessianLinearOperator(m, CRIT, params_of(m), [(x, y)], check_deterministic=False)
+            t_cl = median_time(lambda: op @ v, device, reps)
+            rows.append((label, t_cl, "different network" if mode == "eval" else ""))
+        except Exception as e:
+            rows.append((label, float("nan"), "FAILED " + short(e)))
+    return dict(rows=rows, t_grad=t_grad, t_db=t_db, t_first=t_first, t_wgrad=t_wgrad, n=n)
+
+
+# ---------------------------------------------------------------------------------- 2. eigenvalues
+
+
+def references(model, x, y, tol, device, cap) -> dict:
+    m64 = copy.deepcopy(model).double()
+    x64 = x.double()
+    out = {}
+    for bn in ("batch", "running"):
+        t, la = timed(
+            lambda: hessian_eigenvalues(
+                m64, CRIT, (x64, y), k=5, which="LA", tol=tol, bn=bn, max_matvecs=cap
+            ),
+            device,
+        )
+        # λmin only to flag PyHessian's largest-magnitude answer: loose tolerance, small budget
+        sa = hessian_eigenvalues(m64, CRIT, (x64, y), k=1, which="SA", tol=1e-2, bn=bn, max_matvecs=cap // 3)
+        out[bn] = dict(
+            la=np.asarray(la.values),
+            sa=float(sa.values[0]),
+            conv=la.converged and sa.converged,
+            n=la.n_matvecs + sa.n_matvecs,
+            t=t,
+        )
+    return out
+
+
+def rel_err(vals, ref) -> float:
+    vals = np.sort(np.asarray(vals, dtype=float))[::-1]
+    ref = ref[: len(vals)]
+    return float(np.max(np.abs(vals - ref) / np.abs(ref)))
+
+
+class _Count:
+    def __init__(self):
+        self.n = 0
+
+
+def run_pyhessian(model, x, y, device, top_n, max_iter, as_is: bool):
+    import pyhessian  # noqa: F401  (pyhessian.hessian is the class; the module is in sys.modules)
+
+    ph = sys.modules["pyhessian.hessian"]
+
+    count = _Count()
+    orig_hvp = ph.hessian_vector_product
+
+    def counted(gradsH, params, v):
+        count.n += 1
+        return orig_hvp(gradsH, params, v)
+
+    ph.hessian_vector_product = counted
+    m = copy.deepcopy(model)
+    before = bn_state(m)
+    torch.manual_seed(SEED)  # PyHessian draws its start vectors from the global RNG
+    try:
+
+        def go():
+            if as_is:
+                h = ph.hessian(m, CRIT, dataloader=[(x, y)], cuda=device.type == "cuda")
+                m.train()  # PyHessian set eval(); the dataloader path re-runs the forward per HVP
+                orig = h.dataloader_hv_product
+
+                def dl(v):
+                    count.n += 1
+                    return orig(v)
+
+                h.dataloader_hv_product = dl
+            else:
+                h = ph.hessian(m, CRIT, data=(x, y), cuda=device.type == "cuda")
+            return h.eigenvalues(maxIter=max_iter, tol=1e-3, top_n=top_n)[0]
+
+        t, vals = timed(go, device)
+    finally:
+        ph.hessian_vector_product = orig_hvp
+    # PyHessian stops at maxIter per eigenvalue without saying so: count == top_n * maxIter means it hit the cap
+    capped = count.n >= top_n * max_iter
+    return dict(vals=list(vals), t=t, n=count.n, conv=not capped, bn_before=before, bn_after=bn_state(m))
+
+
+def run_curvlinops(model, x, y, k, mode):
+    import scipy.sparse.linalg as sla
+    from curvlinops import HessianLinearOperator
+    from threadpoolctl import threadpool_limits
+
+    m = copy.deepcopy(model)
+    m.train(mode == "train")
+    before = bn_state(m)
+    t0 = time.perf_counter()
+    op = HessianLinearOperator(m, CRIT, params_of(m), [(x, y)], check_deterministic=False)
+    sop = op.to_scipy()
+    count = _Count()
+
+    def mv(z):
+        count.n += 1 if z.ndim == 1 else z.shape[1]
+        return sop @ z
+
+    lin = sla.LinearOperator(sop.shape, matvec=mv, matmat=mv, dtype=sop.dtype)
+    v0 = np.random.default_rng(SEED).standard_normal(sop.shape[0])
+    with threadpool_limits(limits=1, user_api="blas"):
+        vals = sla.eigsh(lin, k=k, which="LA", tol=1e-3, v0=v0, return_eigenvectors=False)
+    return dict(
+        vals=list(np.sort(vals)[::-1]),
+        t=time.perf_counter() - t0,
+        n=count.n,
+        conv=True,
+        bn_before=before,
+        bn_after=bn_state(m),
+    )
+
+
+def section_eigen(spec, model, x, y, device, quick) -> dict:
+    max_iter = 10 if quick else (50 if spec["heavy"] else 30)
+    t_ref0 = time.perf_counter()
+    ref = references(
+        model,
+        x,
+        y,
+        1e-5 if quick else (1e-8 if spec["heavy"] else 1e-6),
+        device,
+        600 if spec["heavy"] else (150 if quick else 250),
+    )
+    t_ref = time.perf_counter() - t_ref0
+    rows = []
+    state0 = {k: v.clone() for k, v in model.state_dict().items()}
+    results = {}
+
+    def add(label, k, res, refkey, note=""):
+        r = ref[refkey]
+        vals = res["vals"]
+        err = rel_err(vals, r["la"]) if vals else float("nan")
+        flag = ""
+        if vals:
+            top = vals[0] if k == 1 else max(vals, key=abs)
+            if top < 0 or abs(top - r["sa"]) < abs(top - r["la"][0]):
+                flag = "WRONG SIGN/LM: " + f"{top:.4g} vs λmax {r['la'][0]:.4g}, λmin {r['sa']:.4g}"
+        shown = ", ".join(f"{v:.5g}" for v in vals[:5])
+        conv = "" if res["conv"] else "not converged (cap)"
+        rows.append(
+            (label, k, shown, res["t"], res["n"], err, refkey, "; ".join(s for s in (conv, flag, note) if s))
+        )
+        results[(label, k)] = dict(t=res["t"], err=err, n=res["n"])
+
+    for k in (1, 5):
+        for method, label in (("lanczos", "whybn lanczos tol 1e-3"), ("scipy", "whybn scipy eigsh tol 1e-3")):
+            if k == 5 and method == "scipy" and not spec["heavy"]:
+                rows.append((label, k, "skipped (time budget)", float("nan"), 0, float("nan"), "", ""))
+                continue
+            t, r = timed(
+                lambda: hessian_eigenvalues(model, CRIT, (x, y), k=k, tol=1e-3, method=method), device
+            )
+            add(label, k, dict(vals=list(r.values), t=t, n=r.n_matvecs, conv=r.converged), "batch")
+        try:
+            res = run_pyhessian(model, x, y, device, k, max_iter, as_is=False)
+            add(f"PyHessian (eval mode) maxIter {max_iter}", k, res, "running", "vs running-stats ref")
+        except Exception as e:
+            rows.append(("PyHessian (eval mode)", k, "FAILED", float("nan"), 0, float("nan"), "", short(e)))
+        try:
+            if k == 5 and not spec["heavy"]:
+                raise RuntimeError("skipped (time budget)")
+            res = run_pyhessian(model, x, y, device, k, max_iter, as_is=True)
+            nb0, rm0 = res["bn_before"]
+            nb1, rm1 = res["bn_after"]
+            add(
+                f"PyHessian as-is train, maxIter {max_iter}",
+                k,
+                res,
+                "batch",
+                f"BN1 num_batches_tracked {nb0}->{nb1}, |running_mean| {rm0:.3g}->{rm1:.3g}",
+            )
+        except Exception as e:
+            rows.append(("PyHessian as-is train", k, "FAILED", float("nan"), 0, float("nan"), "", short(e)))
+        for mode, refkey in (("train", "batch"), ("eval", "running")):
+            label = f"curvlinops + eigsh ({mode})"
+            try:
+                if k == 5 and not spec["heavy"]:
+                    raise RuntimeError("skipped (time budget)")
+                res = run_curvlinops(model, x, y, k, mode)
+                add(label, k, res, refkey)
+            except Exception as e:
+                rows.append((label, k, "FAILED", float("nan"), 0, float("nan"), refkey, short(e)))
+    untouched = all(torch.equal(state0[k], v) for k, v in model.state_dict().items())
+    return dict(rows=rows, ref=ref, t_ref=t_ref, results=results, untouched=untouched, max_iter=max_iter)
+
+
+# --------------------------------------------------------------------------------------- 3. memory
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def memory_child(path: str, what: str, device_name: str, threads: int) -> None:
+    torch.set_num_threads(threads)
+    device = torch.device(device_name)
+    blob = torch.load(path, weights_only=False)
+    spec, state, x, y = blob["spec"], blob["state"], blob["x"].to(device), blob["y"].to(device)
+    model = make_net(
+        spec["arch"],
+        norm="bn",
+        in_shape=spec["in_shape"],
+        num_classes=10,
+        depth=spec["depth"],
+        width=spec["width"],
+    )
+    model.load_state_dict(state)
+    model = model.to(device).train()
+    params = params_of(model)
+    v = torch.randn(sum(p.numel() for p in params), device=device)
+    vs = split(v, params)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        try:  # reset the peak-RSS counter (VmHWM); ru_maxrss would include the parent's RSS from before exec
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+        base = _status_kib("VmRSS") * 1024
+    if what == "gradient":
+        out = plain_gradient(model, x, y)
+    elif what == "pyhessian_style":
+        out = pyhessian_style_hvp(model, x, y, vs)
+    else:
+        with hessian_operator(model, CRIT, (x, y), method=what) as op:
+            out = op.matvec(v)
+    del out
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = _status_kib("VmHWM") * 1024
+    print(json.dumps({"peak_minus_base": peak - base}))
+
+
+def section_memory(spec, model, x, y, device, threads) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "problem.pt")
+        torch.save({"spec": spec, "state": model.state_dict(), "x": x.cpu(), "y": y.cpu()}, path)
+        out = {}
+        for what in ("gradient", "double_backward", "forward_over_reverse", "pyhessian_style"):
+            cmd = [
+                sys.executable,
+                __file__,
+                "--_memory",
+                path,
+                what,
+                "--device",
+                device.type,
+                "--threads",
+                str(threads),
+            ]
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            try:
+                out[what] = json.loads(p.stdout.strip().splitlines()[-1])["peak_minus_base"]
+            except Exception:
+                out[what] = float("nan")
+                print(f"  memory {what} failed: {p.stderr.strip().splitlines()[-1:]}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------- output
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    w = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(
+        str(c).ljust(w[i]) if i == 0 or i == len(r) - 1 else str(c).rjust(w[i]) for i, c in enumerate(r)
+    ).rstrip()
+    return "\n".join([fmt(header), fmt(["-" * x for x in w]), *map(fmt, rows)])
+
+
+def fmt_t(t: float) -> str:
+    return "n/a" if t != t else (f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller batches, fewer repetitions (< 3 min)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--only", default=None, help="run one problem: ResNet-20 or MLP-10")
+    ap.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._memory:
+        memory_child(args._memory[0], args._memory[1], args.device, args.threads)
+        return
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    reps = args.reps or (5 if args.quick else 9)
+    t_start = time.perf_counter()
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    print(f"# whybn Hessian benchmark  {datetime.datetime.now():%Y-%m-%d %H:%M}")
+    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print(f"machine: nproc={os.cpu_count()}, CPU {cpu}, {platform.platform()}")
+    import pyhessian  # noqa: F401
+
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}, "
+        f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}, curvlinops {importlib.metadata.version('curvlinops-for-pytorch')}, "
+        f"pyhessian 0.1, reps {reps} (median after 1 warm-up), float32; reference float64"
+    )
+    summary = []
+    for spec in problem_specs(args.quick):
+        if args.only and spec["name"] != args.only:
+            continue
+        model, x, y = build(spec, device)
+        n = sum(p.numel() for p in params_of(model))
+        print(
+            f"\n## {spec['name']}  bn, train mode, batch {spec['batch']}, {spec['data_note']}, {n} parameters,"
+            f" seeded init (seed {SEED})"
+        )
+        t0 = time.perf_counter()
+        hv = section_hvp(spec, model, x, y, device, reps)
+        print(f"\n### 1. HVP time / gradient time  ({time.perf_counter() - t0:.0f} s)")
+        print(
+            table(
+                ["method", "time", "/ gradient", "note"],
+                [
+                    [l, fmt_t(t), f"{t / hv['t_grad']:.2f}x" if t == t else "-", note]
+                    for l, t, note in hv["rows"]
+                ],
+            )
+        )
+
+        t0 = time.perf_counter()
+        ei = section_eigen(spec, model, x, y, device, args.quick)
+        ref = ei["ref"]
+        print(f"\n### 2. Top eigenvalues  ({time.perf_counter() - t0:.0f} s; references {ei['t_ref']:.0f} s)")
+        for key, what in (
+            ("batch", "bn='batch' (train-mode loss)"),
+            ("running", "bn='running' (eval network)"),
+        ):
+            r = ref[key]
+            print(
+                f"reference {what}: float64 whybn Lanczos, top-5 LA "
+                f"[{', '.join(f'{v:.7g}' for v in r['la'])}], λmin {r['sa']:.5g}, {r['n']} HVPs, "
+                f"converged {r['conv']}"
+            )
+        print(
+            table(
+                ["method", "k", "values", "wall", "HVPs", "rel.err", "ref", "note"],
+                [
+                    [l, k, vals, fmt_t(t), nn_, f"{e:.1e}", rk, note]
+                    for l, k, vals, t, nn_, e, rk, note in ei["rows"]
+                ],
+            )
+        )
+        print(f"whybn left the model's parameters and BN buffers untouched: {ei['untouched']}")
+
+        t0 = time.perf_counter()
+        mem = section_memory(spec, model, x, y, device, args.threads)
+        unit = (
+            "allocated (torch.cuda)"
+            if device.type == "cuda"
+            else "VmHWM - VmRSS before, peak reset via clear_refs (fresh subprocess)"
+        )
+        print(f"\n### 3. Peak memory of one call, {unit}  ({time.perf_counter() - t0:.0f} s)")
+        print(
+            table(
+                ["call", "peak MiB", "/ gradient"],
+                [
+                    [w, f"{b / 2**20:.1f}", f"{b / mem['gradient']:.2f}x" if mem["gradient"] > 0 else "-"]
+                    for w, b in mem.items()
+                ],
+            )
+        )
+
+        res = ei["results"]
+        pyh = f"PyHessian (eval mode) maxIter {ei['max_iter']}"
+        lz = "whybn lanczos tol 1e-3"
+
+        def get(label, k, key):
+            return res.get((label, k), {}).get(key, float("nan"))
+
+        hvp_ratio = hv["t_db"] / hv["t_grad"]
+        r1 = get(lz, 1, "t") / get(pyh, 1, "t")
+        e1 = get(lz, 1, "err")
+        r5 = get(pyh, 5, "t") / get(lz, 5, "t")
+        mr = mem["double_backward"] / mem["gradient"] if mem["gradient"] > 0 else float("nan")
+        ok = lambda c: "✓" if c else "✗"
+        summary += [
+            [
+                spec["name"],
+                "HVP ≤ 2.0× gradient (whybn auto = double_backward, graph reused)",
+                f"{hvp_ratio:.2f}x (first incl. graph {hv['t_first'] / hv['t_grad']:.2f}x)",
+                ok(hvp_ratio <= 2.0),
+            ],
+            [
+                spec["name"],
+                "top-1 to 1e-3 rel.err in ≤ 0.6× PyHessian's wall time",
+                f"{r1:.2f}x, err {e1:.1e}",
+                ok(r1 <= 0.6 and e1 <= 1e-3),
+            ],
+            [spec["name"], "top-5 ≥ 5× faster than PyHessian", f"{r5:.1f}x faster", ok(r5 >= 5)],
+            [spec["name"], "HVP peak memory ≤ 2.5× gradient", f"{mr:.2f}x", ok(mr <= 2.5)],
+        ]
+    print("\n## 4. Targets (PyHessian = its eval-mode default, maxIter capped; see section 2)")
+    print(table(["problem", "target", "measured", "ok"], summary))
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""What each probe costs, in units of one gradient evaluation, on ResNet-20 and a 10-layer BN MLP.
+
+Runs in the project's environment (no peer tools needed)::
+
+    .venv/bin/python benchmarks/probes.py [--quick] [--device cpu|cuda] [--threads 2]
+
+Same problems as ``benchmarks/hessian.py`` (train-mode BN at a seeded initialization). Each probe's wall
+time is a median over repetitions after a warm-up, divided by the median time of one plain gradient
+(forward + backward) on the same batch. Bounds from the issue: ``ics_gradient_change`` ≤ layers + 1
+gradients, ``landscape_along_gradient`` ≤ grid size + 1 gradients. The probes' own counts
+(``ICSResult.n_gradients``, ``Landscape.n_grad_evals``) are printed next to the measured ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.hessian import build, median_time, plain_gradient, problem_specs, table  # noqa: E402
+from probes import (  # noqa: E402
+    hessian_eigenvalues,
+    hessian_trace,
+    ics_gradient_change,
+    kfac_factor_conditioning,
+    landscape_along_gradient,
+    layer_gradient_norms,
+    layer_input_conditioning,
+    rank_collapse,
+)
+from probes.activations import parameterized_layers  # noqa: E402
+
+GRID = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4)
+
+
+def trained_optimizer(model, x, y) -> torch.optim.Optimizer:
+    """SGD with momentum after two real steps on a copy of the batch, so its state is non-trivial."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.load_state_dict(state)  # the weights as they were; the optimizer keeps its momentum
+    opt.zero_grad(set_to_none=True)
+    return opt
+
+
+def run(spec: dict, device: torch.device, reps: int) -> list[list[str]]:
+    model, x, y = build(spec, device)
+    batch = (x, y)
+    n_layers = len(parameterized_layers(model))
+    grad_time = median_time(lambda: plain_gradient(model, x, y), device, reps=max(reps, 5))
+    opt = trained_optimizer(model, x, y)
+    ics = ics_gradient_change(model, F.cross_entropy, batch, opt)
+    land = landscape_along_gradient(model, F.cross_entropy, batch, step_sizes=GRID)
+    probes = {
+        "ics_gradient_change": (
+            lambda: ics_gradient_change(model, F.cross_entropy, batch, opt),
+            f"≤ {n_layers + 1} (layers+1); counts {ics.n_gradients}",
+            n_layers + 1,
+        ),
+        "landscape_along_gradient": (
+            lambda: landscape_along_gradient(model, F.cross_entropy, batch, step_sizes=GRID),
+            f"≤ {len(GRID) + 1} (grid+1); counts {land.n_grad_evals}",
+            len(GRID) + 1,
+        ),
+        "layer_gradient_norms": (lambda: layer_gradient_norms(model, F.cross_entropy, batch), "", None),
+        "layer_input_conditioning": (lambda: layer_input_conditioning(model, batch), "", None),
+        "rank_collapse": (lambda: rank_collapse(model, batch), "", None),
+        "kfac_factor_conditioning": (
+            lambda: kfac_factor_conditioning(model, F.cross_entropy, batch),
+            "",
+            None,
+        ),
+        "hessian_trace (20 probes)": (
+            lambda: hessian_trace(model, F.cross_entropy, batch, n_probes=20),
+            "",
+            None,
+        ),
+        "hessian_eigenvalues top-1": (
+            lambda: hessian_eigenvalues(model, F.cross_entropy, batch, k=1),
+            "",
+            None,
+        ),
+    }
+    rows = []
+    for name, (fn, bound_text, bound) in probes.items():
+        t = median_time(fn, device, reps=reps)
+        ratio = t / grad_time
+        verdict = "" if bound is None else ("✓" if ratio <= bound else "✗")
+        rows.append([spec["name"], name, f"{t * 1e3:.1f} ms", f"{ratio:.2f}", bound_text, verdict])
+    rows.insert(
+        0, [spec["name"], "one gradient", f"{grad_time * 1e3:.1f} ms", "1.00", f"{n_layers} layers", ""]
+    )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small batches, fewer repetitions")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    reps = 2 if args.quick else 5
+    rows = []
+    for spec in problem_specs(args.quick):
+        rows += run(spec, device, reps)
+    print(
+        f"probe cost in gradients — {platform.processor() or platform.machine()}, {args.threads} threads, "
+        f"torch {torch.__version__}, device {device}{' (quick)' if args.quick else ''}"
+    )
+    print(table(["problem", "probe", "time", "÷ gradient", "bound / own count", ""], rows))
+
+
+if __name__ == "__main__":
+    main()
