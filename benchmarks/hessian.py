@@ -87,12 +87,9 @@ def problem_specs(quick: bool) -> list[dict]:
     ]
 
 
-def build(spec: dict, device: torch.device) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    opts = {"n_train": 1000} if spec["dataset"] == "fashion_mnist" else {}
-    train, _ = load_dataset(spec["dataset"], **opts)
-    x, y = train.tensors[0][: spec["batch"]], train.tensors[1][: spec["batch"]]
-    torch.manual_seed(SEED)
-    model = make_net(
+def make_model(spec: dict) -> nn.Module:
+    """The problem's BN network (arch, depth, width from ``spec``), built under the caller's seed."""
+    return make_net(
         spec["arch"],
         norm="bn",
         in_shape=spec["in_shape"],
@@ -100,6 +97,14 @@ def build(spec: dict, device: torch.device) -> tuple[nn.Module, torch.Tensor, to
         depth=spec["depth"],
         width=spec["width"],
     )
+
+
+def build(spec: dict, device: torch.device) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    opts = {"n_train": 1000} if spec["dataset"] == "fashion_mnist" else {}
+    train, _ = load_dataset(spec["dataset"], **opts)
+    x, y = train.tensors[0][: spec["batch"]], train.tensors[1][: spec["batch"]]
+    torch.manual_seed(SEED)
+    model = make_model(spec)
     return model.to(device).train(), x.to(device), y.to(device).long()
 
 
@@ -421,14 +426,7 @@ def memory_child(path: str, what: str, device_name: str, threads: int) -> None:
     device = torch.device(device_name)
     blob = torch.load(path, weights_only=False)
     spec, state, x, y = blob["spec"], blob["state"], blob["x"].to(device), blob["y"].to(device)
-    model = make_net(
-        spec["arch"],
-        norm="bn",
-        in_shape=spec["in_shape"],
-        num_classes=10,
-        depth=spec["depth"],
-        width=spec["width"],
-    )
+    model = make_model(spec)
     model.load_state_dict(state)
     model = model.to(device).train()
     params = params_of(model)
