@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from probes.activations import capture_layer_inputs, parameterized_layers, select_modules
-from probes.functional import BN_MODES, as_batches, check_loss, norm_mode, probe_guard
+from probes.functional import as_batches, check_bn, check_loss, norm_mode, probe_guard
 
 __all__ = [
     "CovarianceStats",
@@ -191,11 +191,6 @@ def _resolve_layers(model: nn.Module, layers: Layers) -> dict[str, nn.Module]:
     return default_layers(model) if layers is None else select_modules(model, layers)
 
 
-def _check_bn(bn: str) -> None:
-    if bn not in BN_MODES:
-        raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
-
-
 @dataclass(frozen=True)
 class LayerConditioning:
     """Per layer (qualified name → :class:`CovarianceStats`) conditioning of the layer's input."""
@@ -225,7 +220,7 @@ def layer_input_conditioning(
     block ill-conditioned (LeCun et al. 1998); BN standardizes the diagonal, DBN/IterNorm whiten C
     (Huang et al. 2018, 2019). ``layers=None``: :func:`default_layers`. ``bn`` as in DESIGN.md.
     """
-    _check_bn(bn)
+    check_bn(bn)
     pairs = as_batches(batches)
     modules = _resolve_layers(model, layers)
     with probe_guard(model), torch.no_grad(), norm_mode(model, bn):
@@ -324,7 +319,7 @@ def rank_collapse(
     samples map to nearly one direction); with BN it stays Ω(√d) (their Theorem). ``batch`` is an
     ``(inputs, targets)`` pair or the inputs alone.
     """
-    _check_bn(bn)
+    check_bn(bn)
     x = batch[0] if isinstance(batch, tuple | list) else batch
     if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] < 2:
         raise ValueError("batch: expected inputs with at least 2 samples")
@@ -592,7 +587,7 @@ def kfac_factor_conditioning(
     so no ``.grad`` is written; the model is left as found. Under ``bn="batch"`` gₙ includes the
     coupling through the batch statistics.
     """
-    _check_bn(bn)
+    check_bn(bn)
     pairs = as_batches(batches)
     if layers is None:
         modules = {n: m for n, m in model.named_modules() if n and isinstance(m, nn.Linear | nn.Conv2d)}

@@ -27,11 +27,13 @@ __all__ = [
     "FunctionalLoss",
     "ModelState",
     "as_batches",
+    "check_bn",
     "check_loss",
     "eval_mode",
     "functional_loss",
     "is_batch_dependent",
     "norm_mode",
+    "optimizer_param_names",
     "preserved",
     "probe_guard",
     "resolve_params",
@@ -143,6 +145,12 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = flag
 
 
+def check_bn(bn: str) -> None:
+    """``bn`` must name one of :data:`BN_MODES` (ValueError otherwise)."""
+    if bn not in BN_MODES:
+        raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
+
+
 def is_batch_dependent(module: nn.Module) -> bool:
     """A layer that normalizes with batch statistics in training: torch's BatchNorm and whybn's zoo alike.
 
@@ -160,8 +168,7 @@ def norm_mode(model: nn.Module, bn: str = "batch") -> Iterator[nn.Module]:
     ``bn="running"``: they use their running statistics (eval mode). All other modules are in eval mode
     (dropout and injected noise off). Flags are restored on exit.
     """
-    if bn not in BN_MODES:
-        raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
+    check_bn(bn)
     saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
     try:
         for m in model.modules():
@@ -319,8 +326,7 @@ class FunctionalLoss:
         chosen: list[tuple[str, nn.Parameter]],
         bn: str,
     ) -> None:
-        if bn not in BN_MODES:
-            raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
+        check_bn(bn)
         self.model, self.loss_fn, self.batches, self.bn = model, loss_fn, batches, bn
         self.names = [n for n, _ in chosen]
         self.shapes = [tuple(p.shape) for _, p in chosen]
@@ -359,6 +365,15 @@ class FunctionalLoss:
     def __call__(self, theta: Tensor | dict[str, Tensor]) -> Tensor:
         """L(θ) = Σ_b (n_b/N) L_b(θ)."""
         return sum(w * self.batch_loss(theta, b) for b, w in enumerate(self.weights))
+
+    def value_and_grad(self, theta: Tensor) -> tuple[float, Tensor]:
+        """(L(θ), ∇L(θ)) at a flat θ: one forward and one backward pass per batch; a zero gradient
+        when the loss does not depend on the chosen parameters."""
+        leaf = theta.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss = self(leaf)
+            (grad,) = torch.autograd.grad(loss, leaf, allow_unused=True)
+        return float(loss.detach()), torch.zeros_like(leaf) if grad is None else grad.detach()
 
 
 def functional_loss(
@@ -414,3 +429,20 @@ def simulate_optimizer_step(
     with torch.no_grad():
         shadow.step()
     return {name: c.detach() for name, c in clones.items()}
+
+
+def optimizer_param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:
+    """id(parameter) → the model's name for it, for every tensor ``optimizer`` holds.
+
+    ValueError naming ``optimizer`` if it holds a tensor that is not a parameter of ``model``.
+    """
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    owned: dict[int, str] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in by_id:
+                raise ValueError(
+                    f"optimizer: holds a parameter of shape {tuple(p.shape)} that is not part of the model"
+                )
+            owned[id(p)] = by_id[id(p)]
+    return owned

@@ -21,10 +21,11 @@ from torch import Tensor, nn
 
 from probes.activations import layer_weight_name
 from probes.functional import (
-    BN_MODES,
     FunctionalLoss,
     as_batches,
+    check_bn,
     norm_mode,
+    optimizer_param_names,
     probe_guard,
     resolve_params,
     simulate_optimizer_step,
@@ -87,8 +88,7 @@ def ordered_layers(
     are given (else registration order); otherwise the named modules or modules, in the order given.
     ``ValueError`` when the model has none, or a requested layer is unknown or owns no weight.
     """
-    if bn not in BN_MODES:
-        raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
+    check_bn(bn)
     named = dict(model.named_modules())
     if layers is None:
         found = [(n, p) for n, m in named.items() if (p := layer_weight_name(m)) is not None]
@@ -137,16 +137,9 @@ def _gradient(
     model: nn.Module, loss_fn: LossFn, pairs: list[tuple[Tensor, Tensor]], names: list[str], bn: str
 ) -> tuple[float, dict[str, Tensor]]:
     """(L(θ), {name: ∇_name L}) of the sample-weighted mean loss; call inside ``probe_guard``."""
-    chosen = resolve_params(model, names)
-    f = FunctionalLoss(model, loss_fn, pairs, chosen, bn)
-    theta = f.theta0.clone().requires_grad_(True)
-    with torch.enable_grad():
-        loss = f(theta)
-        (grad,) = torch.autograd.grad(loss, theta, allow_unused=True)
-    if grad is None:
-        grad = torch.zeros_like(theta)
-    grads = {n: t.detach().clone() for n, t in f.unflatten(grad).items()}
-    return float(loss.detach()), grads
+    f = FunctionalLoss(model, loss_fn, pairs, resolve_params(model, names), bn)
+    loss, grad = f.value_and_grad(f.theta0)
+    return loss, {n: t.clone() for n, t in f.unflatten(grad).items()}
 
 
 def _norm(t: Tensor) -> float:
@@ -264,20 +257,6 @@ class UpdateRatios:
         return rows
 
 
-def _optimizer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:
-    """id(parameter) → model name for every parameter the optimizer holds (ValueError if foreign)."""
-    by_id = {id(p): n for n, p in model.named_parameters()}
-    owned: dict[int, str] = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if id(p) not in by_id:
-                raise ValueError(
-                    f"optimizer: holds a parameter of shape {tuple(p.shape)} that is not part of the model"
-                )
-            owned[id(p)] = by_id[id(p)]
-    return owned
-
-
 def _require_owned(names: list[str], owned: dict[int, str]) -> None:
     missing = sorted(set(names) - set(owned.values()))
     if missing:
@@ -300,7 +279,7 @@ def simulated_step(
     for any closure-free ``torch.optim`` optimizer (SGD, Adam, AdamW, …).
     """
     pairs = as_batches(batches)
-    owned = _optimizer_names(model, optimizer)
+    owned = optimizer_param_names(model, optimizer)
     params = dict(model.named_parameters())
     trainable = [n for n in dict.fromkeys(owned.values()) if params[n].requires_grad]
     with probe_guard(model):
@@ -337,7 +316,7 @@ def update_to_weight_ratios(
     pairs = as_batches(batches)
     chosen = ordered_layers(model, layers, example=pairs[0][0] if layers is None else None, bn=bn)
     names = [_qualified(m, p) for m, p in chosen]
-    _require_owned(names, _optimizer_names(model, optimizer))
+    _require_owned(names, optimizer_param_names(model, optimizer))
     loss, updates = simulated_step(model, loss_fn, pairs, optimizer, bn=bn)
     params = dict(model.named_parameters())
     u = np.array([_norm(updates[n]) for n in names])
@@ -385,7 +364,7 @@ def effective_learning_rates(
     """
     chosen = ordered_layers(model, layers)
     names = [_qualified(m, p) for m, p in chosen]
-    owned = _optimizer_names(model, optimizer)
+    owned = optimizer_param_names(model, optimizer)
     _require_owned(names, owned)
     lr_of = {owned[id(p)]: float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
     params = dict(model.named_parameters())

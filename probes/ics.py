@@ -50,6 +50,7 @@ from probes.functional import (
     FunctionalLoss,
     as_batches,
     norm_mode,
+    optimizer_param_names,
     probe_guard,
     resolve_params,
     simulate_optimizer_step,
@@ -139,14 +140,8 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None
     if not isinstance(optimizer, SUPPORTED_OPTIMIZERS):
         names = ", ".join(f"torch.optim.{c.__name__}" for c in SUPPORTED_OPTIMIZERS)
         raise ValueError(f"optimizer: only {names} are supported, got {type(optimizer).__name__}")
-    model_ids = {id(p) for p in model.parameters()}
-    held = [p for group in optimizer.param_groups for p in group["params"]]
-    foreign = [p for p in held if id(p) not in model_ids]
-    if foreign or not held:
-        raise ValueError(
-            f"optimizer: does not own the model's parameters ({len(foreign)} of its {len(held)} "
-            "tensors are not parameters of the model)"
-        )
+    if not optimizer_param_names(model, optimizer):  # ValueError for tensors foreign to the model
+        raise ValueError("optimizer: holds no parameter of the model")
 
 
 def _norm(t: Tensor) -> float:

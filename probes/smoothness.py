@@ -103,17 +103,6 @@ def _check_step_sizes(step_sizes: Sequence[float] | np.ndarray | Tensor) -> np.n
     return etas
 
 
-def _loss_and_grad(f: FunctionalLoss, theta: Tensor) -> tuple[float, Tensor]:
-    """One gradient evaluation: (L(θ), ∇L(θ)) by one forward and one backward pass per batch."""
-    leaf = theta.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        loss = f(leaf)
-        (grad,) = torch.autograd.grad(loss, leaf, allow_unused=True)
-    if grad is None:  # the loss does not depend on the chosen parameters
-        grad = torch.zeros_like(leaf)
-    return float(loss.detach()), grad.detach()
-
-
 def _summary_max(values: np.ndarray) -> float:
     """max of ``values``; inf when any is not finite (a diverged point bounds nothing)."""
     return float(values.max()) if np.all(np.isfinite(values)) else math.inf
@@ -152,12 +141,12 @@ def landscape_along_gradient(
     with probe_guard(model):
         f = FunctionalLoss(model, loss_fn, pairs, chosen, bn)
         theta0 = f.theta0
-        loss0, g = _loss_and_grad(f, theta0)
+        loss0, g = f.value_and_grad(theta0)
         grad_norm = float(torch.linalg.vector_norm(g))
         losses = np.empty(etas.size)
         distances = np.empty(etas.size)
         for i, eta in enumerate(etas):
-            loss, grad = _loss_and_grad(f, theta0 - float(eta) * g)
+            loss, grad = f.value_and_grad(theta0 - float(eta) * g)
             losses[i] = loss
             distances[i] = float(torch.linalg.vector_norm(g - grad))
     with np.errstate(divide="ignore", invalid="ignore"):
