@@ -267,7 +267,7 @@ class _Count:
         self.n = 0
 
 
-def run_pyhessian(model, x, y, device, top_n, max_iter, as_is: bool):
+def run_pyhessian(model, x, y, device, top_n, max_iter, as_is: bool, tol: float = 1e-3):
     import pyhessian  # noqa: F401  (pyhessian.hessian is the class; the module is in sys.modules)
 
     ph = sys.modules["pyhessian.hessian"]
@@ -298,7 +298,7 @@ def run_pyhessian(model, x, y, device, top_n, max_iter, as_is: bool):
                 h.dataloader_hv_product = dl
             else:
                 h = ph.hessian(m, CRIT, data=(x, y), cuda=device.type == "cuda")
-            return h.eigenvalues(maxIter=max_iter, tol=1e-3, top_n=top_n)[0]
+            return h.eigenvalues(maxIter=max_iter, tol=tol, top_n=top_n)[0]
 
         t, vals = timed(go, device)
     finally:
@@ -306,6 +306,19 @@ def run_pyhessian(model, x, y, device, top_n, max_iter, as_is: bool):
     # PyHessian stops at maxIter per eigenvalue without saying so: count == top_n * maxIter means it hit the cap
     capped = count.n >= top_n * max_iter
     return dict(vals=list(vals), t=t, n=count.n, conv=not capped, bn_before=before, bn_after=bn_state(m))
+
+
+def run_pyhessian_to_accuracy(model, x, y, device, top_n, ref, target=1e-3, max_iter=500):
+    """PyHessian (eval mode) with its stopping tolerance tightened (1e-4, 1e-5, 1e-6) until its answer is
+    within ``target`` relative error of the running-statistics reference: its cost at equal accuracy.
+    Returns the first run that gets there (with the wall time of that run alone), else the last one."""
+    res = {}
+    for tol in (1e-4, 1e-5, 1e-6):
+        res = run_pyhessian(model, x, y, device, top_n, max_iter, as_is=False, tol=tol)
+        res["tol"] = tol
+        if rel_err(res["vals"], ref) <= target:
+            break
+    return res
 
 
 def run_curvlinops(model, x, y, k, mode):
@@ -380,9 +393,26 @@ def section_eigen(spec, model, x, y, device, quick) -> dict:
                 lambda: hessian_eigenvalues(model, CRIT, (x, y), k=k, tol=1e-3, method=method), device
             )
             add(label, k, dict(vals=list(r.values), t=t, n=r.n_matvecs, conv=r.converged), "batch")
+        # the eval-mode network PyHessian measures, by whybn at the same accuracy
+        t, r = timed(lambda: hessian_eigenvalues(model, CRIT, (x, y), k=k, tol=1e-3, bn="running"), device)
+        add(
+            "whybn lanczos tol 1e-3, bn=running",
+            k,
+            dict(vals=list(r.values), t=t, n=r.n_matvecs, conv=r.converged),
+            "running",
+            "PyHessian's network",
+        )
         try:
             res = run_pyhessian(model, x, y, device, k, max_iter, as_is=False)
             add(f"PyHessian (eval mode) maxIter {max_iter}", k, res, "running", "vs running-stats ref")
+            res = run_pyhessian_to_accuracy(model, x, y, device, k, ref["running"]["la"])
+            add(
+                "PyHessian (eval mode) to 1e-3 rel.err",
+                k,
+                res,
+                "running",
+                f"tol {res['tol']:.0e}, maxIter 500",
+            )
         except Exception as e:
             rows.append(("PyHessian (eval mode)", k, "FAILED", float("nan"), 0, float("nan"), "", short(e)))
         try:
@@ -600,10 +630,16 @@ def main() -> None:
         def get(label, k, key):
             return res.get((label, k), {}).get(key, float("nan"))
 
+        lzr = "whybn lanczos tol 1e-3, bn=running"
+        pyacc = "PyHessian (eval mode) to 1e-3 rel.err"
         hvp_ratio = hv["t_db"] / hv["t_grad"]
         r1 = get(lz, 1, "t") / get(pyh, 1, "t")
         e1 = get(lz, 1, "err")
         r5 = get(pyh, 5, "t") / get(lz, 5, "t")
+        q1 = get(lzr, 1, "t") / get(pyacc, 1, "t")
+        eq1 = max(get(lzr, 1, "err"), get(pyacc, 1, "err"))
+        q5 = get(pyacc, 5, "t") / get(lzr, 5, "t")
+        eq5 = max(get(lzr, 5, "err"), get(pyacc, 5, "err"))
         mr = mem["double_backward"] / mem["gradient"] if mem["gradient"] > 0 else float("nan")
         ok = lambda c: "✓" if c else "✗"
         summary += [
@@ -619,10 +655,26 @@ def main() -> None:
                 f"{r1:.2f}x, err {e1:.1e}",
                 ok(r1 <= 0.6 and e1 <= 1e-3),
             ],
+            [
+                spec["name"],
+                "  same network (eval) and accuracy (both ≤ 1e-3): whybn / PyHessian wall",
+                f"{q1:.2f}x, worse err {eq1:.1e}",
+                ok(q1 <= 0.6 and eq1 <= 1e-3),
+            ],
             [spec["name"], "top-5 ≥ 5× faster than PyHessian", f"{r5:.1f}x faster", ok(r5 >= 5)],
+            [
+                spec["name"],
+                "  same network (eval) and accuracy (both ≤ 1e-3)",
+                f"{q5:.1f}x faster, worse err {eq5:.1e}",
+                ok(q5 >= 5 and eq5 <= 1e-3),
+            ],
             [spec["name"], "HVP peak memory ≤ 2.5× gradient", f"{mr:.2f}x", ok(mr <= 2.5)],
         ]
-    print("\n## 4. Targets (PyHessian = its eval-mode default, maxIter capped; see section 2)")
+    print(
+        "\n## 4. Targets (PyHessian = its eval-mode default, maxIter capped, on the running-statistics network;"
+        " indented rows: whybn bn='running' against PyHessian run until it is within 1e-3 — equal network,"
+        " equal accuracy; see section 2)"
+    )
     print(table(["problem", "target", "measured", "ok"], summary))
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
 

@@ -186,10 +186,12 @@ def hessian_outliers(
     with hessian_operator(model, loss_fn, batches, params=params, bn=bn, method=hvp) as op:
         eig = spectral.eigenvalues(op, k=num_classes, which="LA", tol=tol, seed=seed, return_vectors=True)
         gradient = op.gradient()
+    # float32 Ritz vectors are orthonormal only to ~1e-6·√k: project on their span through a float64 QR
+    span, _ = np.linalg.qr(eig.vectors)
     return OutlierResult(
         values=eig.values,
         ratio=spectral.outlier_ratio(eig.values, num_classes),
-        gradient_fraction=spectral.gradient_fraction_in_top_subspace(gradient, eig.vectors),
+        gradient_fraction=spectral.gradient_fraction_in_top_subspace(gradient, span),
         n_matvecs=eig.n_matvecs,
         converged=eig.converged,
         layer=layer or _layer_name(params),

@@ -74,8 +74,11 @@ class HessianOperator:
                 f"v must have shape ({self.shape[0]},) or ({self.shape[0]}, k), got {tuple(v.shape)}"
             )
         cols = v.to(device=self.device, dtype=self.dtype).reshape(self.shape[0], -1)  # (n, k)
-        with probe_guard(self._f.model):
+        if self._graphs_ready():  # pure autograd on cached graphs of copies: the model is not touched
             out = self._hvp_columns(cols)
+        else:
+            with probe_guard(self._f.model):
+                out = self._hvp_columns(cols)
         self.n_matvecs += cols.shape[1]
         return out.reshape(v.shape)
 
@@ -130,6 +133,10 @@ class HessianOperator:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the HessianOperator is closed")
+
+    def _graphs_ready(self) -> bool:
+        """Whether a matvec only differentiates cached graphs (no forward pass through the model)."""
+        return self.method == "double_backward" and len(self._graphs) == len(self._f.weights)
 
     def _graph(self, b: int) -> tuple[Tensor, Tensor, float]:
         """(θ leaf, g_b = ∇L_b(θ) with its graph, L_b(θ)); cached when ``cache_graphs``.

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from probes.functional import FunctionalLoss, as_batches, probe_guard, resolve_params
+from probes.functional import as_batches, check_loss, norm_mode, probe_guard, resolve_params
 
 __all__ = ["Landscape", "landscape_along_gradient"]
 
@@ -108,6 +108,33 @@ def _summary_max(values: np.ndarray) -> float:
     return float(values.max()) if np.all(np.isfinite(values)) else math.inf
 
 
+def _value_and_grad(
+    model: nn.Module,
+    loss_fn: LossFn,
+    pairs: list[tuple[Tensor, Tensor]],
+    weights: list[float],
+    ws: list[Tensor],
+) -> tuple[float, list[Tensor]]:
+    """(L, ∇_w L) of the sample-weighted mean loss at the model's current parameters ``ws``: one forward
+    and one backward pass per batch (the model is already in the probe's norm mode)."""
+    loss = 0.0
+    grads = [torch.zeros_like(p) for p in ws]
+    for (x, y), weight in zip(pairs, weights, strict=True):
+        with torch.enable_grad():
+            out = check_loss(loss_fn(model(x), y))
+            parts = torch.autograd.grad(out, ws, allow_unused=True)
+        loss += weight * float(out.detach())
+        for acc, part in zip(grads, parts, strict=True):
+            if part is not None:
+                acc.add_(part, alpha=weight)
+    return loss, grads
+
+
+def _norm(tensors: list[Tensor]) -> float:
+    """‖(t₁, …, t_m)‖₂ of the concatenation."""
+    return math.sqrt(sum(float(torch.linalg.vector_norm(t)) ** 2 for t in tensors))
+
+
 def landscape_along_gradient(
     model: nn.Module,
     loss_fn: LossFn,
@@ -138,17 +165,25 @@ def landscape_along_gradient(
     etas = _check_step_sizes(step_sizes)
     chosen = resolve_params(model, params)
     pairs = as_batches(batches)
-    with probe_guard(model):
-        f = FunctionalLoss(model, loss_fn, pairs, chosen, bn)
-        theta0 = f.theta0
-        loss0, g = f.value_and_grad(theta0)
-        grad_norm = float(torch.linalg.vector_norm(g))
+    weights = [x.shape[0] / sum(x.shape[0] for x, _ in pairs) for x, _ in pairs]  # n_b / N
+    with probe_guard(model), norm_mode(model, bn):
+        # evaluated in place on the model's own parameters (the guard restores them): a plain forward
+        # and backward per point, as cheap as the gradient it is measured in units of
+        ws = [p for _, p in chosen]
+        for p in ws:
+            p.requires_grad_(True)
+        w0 = [p.detach().clone() for p in ws]
+        loss0, g = _value_and_grad(model, loss_fn, pairs, weights, ws)
+        grad_norm = _norm(g)
         losses = np.empty(etas.size)
         distances = np.empty(etas.size)
         for i, eta in enumerate(etas):
-            loss, grad = f.value_and_grad(theta0 - float(eta) * g)
+            with torch.no_grad():
+                for p, p0, gp in zip(ws, w0, g, strict=True):
+                    p.copy_(p0).add_(gp, alpha=-float(eta))
+            loss, grad = _value_and_grad(model, loss_fn, pairs, weights, ws)
             losses[i] = loss
-            distances[i] = float(torch.linalg.vector_norm(g - grad))
+            distances[i] = _norm([a - b for a, b in zip(g, grad, strict=True)])
     with np.errstate(divide="ignore", invalid="ignore"):
         betas = distances / (etas * grad_norm)
         relative = losses / loss0

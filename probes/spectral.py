@@ -55,10 +55,12 @@ EIGEN_METHODS = ("lanczos", "scipy", "power")
 TRACE_METHODS = ("hutchpp", "hutchinson")
 
 
-def _noise(n: int, scale: float, dtype: torch.dtype) -> float:
+def _noise(scale: float, dtype: torch.dtype) -> float:
     """Rounding level of a residual ``‖A y − θ y‖`` for ``‖A‖ ≈ scale``: below it a residual counts as
-    converged whatever ``tol`` asks (eigenvalues near 0 cannot meet a relative test)."""
-    return 10.0 * math.sqrt(n) * float(torch.finfo(dtype).eps) * scale
+    converged whatever ``tol`` asks (eigenvalues near 0 cannot meet a relative test). Eigenvalues and
+    gaps smaller than this are not resolved: in float32 that is ~1e-6·‖A‖, so a Hessian whose spectrum
+    spans 1e5 (e.g. a large negative outlier) needs float64 for its small eigenvalues."""
+    return 10.0 * float(torch.finfo(dtype).eps) * scale
 
 
 class LinearOperatorLike(Protocol):
@@ -304,17 +306,30 @@ def _blas_one_thread() -> Any:
 
 
 def _orthonormalize_block(
-    W: Tensor, bases: list[Tensor], g: torch.Generator, op: LinearOperatorLike, scale: float
+    W: Tensor,
+    bases: list[Tensor],
+    g: torch.Generator,
+    op: LinearOperatorLike,
+    scale: float,
+    before: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, int]:
     """Orthonormalize the columns of ``W`` (n, b) against each other; ``W`` is already orthogonal to the
     ``bases`` (each (n, ·), orthonormal columns). Returns ``Q`` (n, b), upper-triangular ``R`` (b, b)
     with ``W ≈ Q R``, and the number of vanished columns. A vanished column (breakdown: it lies in the
     span already built) gets ``R_jj = 0`` and is replaced by a fresh random direction orthogonal to the
-    bases and to the previous columns."""
+    bases and to the previous columns.
+
+    Vanished means cancelled down to rounding: ``‖w_j‖`` below ``1e-10`` (float64; ``1e-5`` otherwise)
+    times the norm ``before[j]`` the column had before any orthogonalization (``‖A q_j‖``), or below
+    ``eps · scale`` outright. Measuring against the column's own norm, not the spectral radius, keeps a
+    small but genuine ``β`` (a Krylov space that has already captured a few huge eigenvalues, e.g. a
+    spectrum from 1e4 down to −1e6) from passing for a breakdown."""
     n, b = W.shape
     Q = torch.empty_like(W)
     R = torch.zeros(b, b, dtype=torch.float64)
-    tiny = (1e-10 if op.dtype == torch.float64 else 1e-5) * max(scale, 1e-300)
+    rel = 1e-10 if op.dtype == torch.float64 else 1e-5
+    floor = float(torch.finfo(op.dtype).eps) * max(scale, 1e-300)
+    ref = [float(t) for t in before] if before is not None else [scale] * b
     broken = 0
     for j in range(b):
         w = W[:, j].clone()
@@ -324,7 +339,7 @@ def _orthonormalize_block(
                 w = w - Q[:, :j] @ c
                 R[:j, j] += c.double().cpu()
         nrm = float(torch.linalg.vector_norm(w))
-        if nrm > tiny:
+        if nrm > max(rel * ref[j], floor):
             R[j, j] = nrm
             Q[:, j] = w / nrm
             continue
@@ -365,13 +380,16 @@ def eigenvalues(
     ``which``: ``"LA"`` largest algebraic (descending), ``"SA"`` smallest algebraic (ascending),
     ``"LM"`` largest magnitude (descending ``|λ|``, sign kept).
 
-    Convergence (all methods but ``"scipy"``, whose ARPACK test is the same): a Ritz pair ``(θ, y)`` is
-    converged when its residual ``‖A y − θ y‖ ≤ max(tol · |θ|, 10 √n · eps · ‖A‖)`` (the second term,
-    the rounding level, lets eigenvalues at 0 converge). For Lanczos the residual
-    is ``β_m |s_{m,i}|`` (``‖R_m S_{last block, i}‖`` for a block), the last component of the
-    eigenvector ``s_i`` of the projected matrix ``T_m`` (Parlett, *The Symmetric Eigenvalue Problem*,
-    §13.2). The eigenvalue error is then at most the residual, and ``≈ residual²/gap`` (Kato–Temple), so
-    values are far more accurate than ``tol``.
+    Convergence. Lanczos: a wanted Ritz value ``θ`` is converged when its estimated *eigenvalue* error
+    ``min(r, r²/gap)`` is ``≤ max(tol · |θ|, 10 √n · eps · ‖A‖)``, with ``r = ‖A y − θ y‖`` the residual
+    of its Ritz vector ``y`` (``β_m |s_{m,i}|``, or ``‖R_m S_{last block, i}‖`` for a block: the last
+    component of the eigenvector ``s_i`` of the projected matrix ``T_m``; Parlett, *The Symmetric
+    Eigenvalue Problem*, §13.2) and ``gap`` the distance to the rest of the spectrum estimated from the
+    other Ritz values (Kato–Temple; :func:`_eigenvalue_errors`). So ``tol`` is the relative accuracy of
+    the eigenvalues returned. With ``return_vectors=True`` the test is on the residual itself,
+    ``r ≤ max(tol · |θ|, …)``, so the vectors are accurate to ``tol`` too (this costs more products).
+    The second term of the max, the rounding level, lets eigenvalues at 0 converge. ``"power"`` tests
+    the residual of its iterate; ``"scipy"`` uses ARPACK's own test (residual ``≤ tol · |θ|``).
 
     Methods:
 
@@ -423,7 +441,9 @@ def eigenvalues(
     elif method == "power":
         vals, vecs, count, converged = _power(op, k, which, tol, max_matvecs, seed)
     else:
-        vals, vecs, count, converged = _lanczos(op, k, which, tol, max_matvecs, seed, ncv, block_size)
+        vals, vecs, count, converged = _lanczos(
+            op, k, which, tol, max_matvecs, seed, ncv, block_size, return_vectors
+        )
     idx = _order(vals, which)
     vals = vals[idx]
     vectors = vecs[:, idx] if (return_vectors and vecs is not None) else None
@@ -441,6 +461,26 @@ def _more_wanted(a: float, b: float, which: str, margin: float) -> bool:
     return abs(a) > abs(b) + margin
 
 
+def _eigenvalue_errors(theta: np.ndarray, res: np.ndarray) -> np.ndarray:
+    """Estimated errors ``min(r_i, r_i² / gap_i)`` of the Ritz values ``theta`` with residuals ``res``.
+
+    ``|λ − θ_i| ≤ r_i`` always holds for some eigenvalue λ; when the rest of the spectrum is at least
+    ``gap_i`` away from ``θ_i``, ``|λ − θ_i| ≤ r_i² / gap_i`` (the Kato–Temple inequality; Parlett,
+    *The Symmetric Eigenvalue Problem*, ch. 11). The gap is estimated from the other Ritz values, each
+    moved towards ``θ_i`` by its own residual (an eigenvalue lies within ``r_j`` of ``θ_j``). This is an
+    estimate, not a bound: an eigenvalue that the Krylov space has not seen at all, lying between
+    ``θ_i`` and its neighbours, would make the true gap smaller.
+    """
+    if theta.size < 2:
+        return res.copy()
+    dist = np.abs(theta[:, None] - theta[None, :]) - res[None, :]
+    np.fill_diagonal(dist, np.inf)
+    gap = dist.min(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sharp = np.where(gap > 0, res**2 / gap, np.inf)
+    return np.minimum(res, sharp)
+
+
 def _lanczos(
     op: LinearOperatorLike,
     k: int,
@@ -450,6 +490,7 @@ def _lanczos(
     seed: int,
     ncv: int | None,
     b: int,
+    vectors: bool,
 ) -> tuple[np.ndarray, np.ndarray, int, bool]:
     """Lanczos runs with locking of exact invariant subspaces.
 
@@ -468,14 +509,14 @@ def _lanczos(
     scale = 0.0
     while True:
         theta, Y, converged, breakdown, scale = _lanczos_run(
-            A, g, op, X, k, which, tol, max_matvecs, ncv, b, scale
+            A, g, op, X, k, which, tol, max_matvecs, ncv, b, scale, vectors
         )
         if not breakdown:
             vals = np.concatenate([locked, theta])
             vecs = torch.cat([X, Y], dim=1)
             break
         order = _order(locked, which)
-        margin = _noise(n, scale, op.dtype)
+        margin = _noise(scale, op.dtype)
         if len(theta) == 0 or (
             locked.size >= k
             and not _more_wanted(
@@ -513,6 +554,7 @@ def _lanczos_run(
     ncv: int | None,
     b: int,
     scale: float,
+    vectors: bool,
 ) -> tuple[np.ndarray, Tensor, bool, bool, float]:
     """One thick-restart block Lanczos run with full reorthogonalization (block size ``b``; ``b = 1`` is
     plain Lanczos) on the complement of the locked vectors ``X``. Keeps
@@ -540,6 +582,7 @@ def _lanczos_run(
         bb = nb
         Qb = V[:, m : m + bb]
         W = A(Qb) if b > 1 else A(Qb[:, 0])[:, None]  # (n, bb); plain vectors for b = 1
+        before = torch.linalg.vector_norm(W, dim=0)  # ‖A q_j‖, the scale of each column's cancellation
         Vm = V[:, : m + bb]
         h = Vm.T @ W
         W = W - Vm @ h  # full reorthogonalization, twice: W <- (I - V Vᵀ)(I - X Xᵀ) W
@@ -557,14 +600,15 @@ def _lanczos_run(
         order = _order(theta, which)
         if m >= n_free:  # the basis spans the complement: the Ritz pairs are exact
             return theta, V[:, :m] @ torch.as_tensor(S, dtype=op.dtype, device=op.device), True, True, scale
-        Qn, R, broken = _orthonormalize_block(W, [X, V[:, :m]], g, op, scale)
+        Qn, R, broken = _orthonormalize_block(W, [X, V[:, :m]], g, op, scale, before)
         if broken == bb:  # invariant subspace: every Ritz pair is exact
             return theta, V[:, :m] @ torch.as_tensor(S, dtype=op.dtype, device=op.device), True, True, scale
         Rn = R.numpy()
         res = np.linalg.norm(Rn @ S[m - bb : m, :], axis=0)  # ‖R_m S[last block, i]‖ = ‖A y_i − θ_i y_i‖
         want = order[:k_run]
-        bound = np.maximum(tol * np.abs(theta[want]), _noise(n, scale, op.dtype))
-        converged = bool(np.all(res[want] <= bound))
+        err = res[want] if vectors else _eigenvalue_errors(theta, res)[want]
+        bound = np.maximum(tol * np.abs(theta[want]), _noise(scale, op.dtype))
+        converged = want.size == k_run and bool(np.all(err <= bound))  # k Ritz values exist at all
         nb = min(b, n_free - m)
         if converged or A.count + nb > max_matvecs:
             Y = V[:, :m] @ torch.as_tensor(S[:, want], dtype=op.dtype, device=op.device)
@@ -657,7 +701,8 @@ def _power_core(
                 conv = True
                 break
             v = w / nrm
-            if res <= max(tol * abs(lam), _noise(n, max(abs(c), abs(mu)), op.dtype)):
+            # the residual of a shifted, deflated iterate is computed from full-length sums: √n rounding
+            if res <= max(tol * abs(lam), math.sqrt(n) * _noise(max(abs(c), abs(mu)), op.dtype)):
                 conv = True
                 break
         all_conv = all_conv and conv

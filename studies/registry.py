@@ -7,7 +7,7 @@ import importlib
 from studies.lab.study import Study
 
 #: Every study, in the order `whybn all` runs them.
-STUDY_NAMES: tuple[str, ...] = ("activation_drift",)
+STUDY_NAMES: tuple[str, ...] = ("activation_drift", "noisy_bn", "ics", "landscape", "hessian_spectrum")
 
 
 def get_study(name: str) -> Study:

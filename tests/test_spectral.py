@@ -119,6 +119,40 @@ def test_lanczos_needs_fewer_matvecs_than_power_for_top5() -> None:
     assert lm_lz.n_matvecs < lm_pw.n_matvecs
 
 
+@pytest.mark.parametrize("which", ["LA", "SA"])
+@pytest.mark.parametrize("tol", [1e-3, 1e-6])
+def test_lanczos_tol_is_the_relative_eigenvalue_error(which: str, tol: float) -> None:
+    """Converged values are within ``tol`` (relative) of the exact ones, and stopping on the estimated
+    eigenvalue error takes fewer products than stopping on the Ritz residual (``return_vectors``)."""
+    rng = np.random.default_rng(11)
+    # a top gap of 4% of the spread (slow, like Hessians) and a bulk
+    lams = np.concatenate([[21.7, 20.8, 19.7, 18.4, 18.2, -21.8, -20.0], rng.uniform(-5.0, 5.0, 300)])
+    A = _with_spectrum(lams, seed=12)
+    exact = _exact(A, which, 5)
+    values_only = eigenvalues(MatrixOperator(A), k=5, which=which, tol=tol)
+    with_vectors = eigenvalues(MatrixOperator(A), k=5, which=which, tol=tol, return_vectors=True)
+    for res in (values_only, with_vectors):
+        assert res.converged
+        np.testing.assert_array_less(np.abs(res.values - exact), tol * np.abs(exact))
+    assert values_only.n_matvecs < with_vectors.n_matvecs
+    V = with_vectors.vectors
+    residuals = np.linalg.norm(A @ V - V * with_vectors.values, axis=0)
+    np.testing.assert_array_less(residuals, tol * np.abs(with_vectors.values) + 1e-9)
+
+
+def test_lanczos_returns_k_values_when_a_huge_outlier_dominates() -> None:
+    """Regression: a float32 spectrum from 1e4 down to −1.4e6 once stopped after 8 products with 8 of the
+    10 wanted values. Every value must be there, and those well above the float32 rounding level of
+    ‖A‖ (10·eps·‖A‖ ≈ 1.7) correct to it."""
+    rng = np.random.default_rng(13)
+    top = [1.36e4, 787.0, 50.5, 38.6, 29.8, 23.8, 23.4, 23.3, 23.2, 23.0]
+    lams = np.concatenate([top, rng.uniform(-10.0, 20.0, 400), [-1.38e6, -1235.0, -510.0]])
+    A = torch.as_tensor(_with_spectrum(lams, seed=14), dtype=torch.float32)
+    res = eigenvalues(MatrixOperator(A), k=10, which="LA", tol=1e-3)
+    assert res.values.shape == (10,)
+    np.testing.assert_allclose(res.values[:5], top[:5], rtol=0, atol=2.0)
+
+
 @pytest.mark.parametrize("method", ["lanczos", "scipy", "power"])
 def test_not_converged_with_tiny_budget(method: str) -> None:
     op = MatrixOperator(_with_spectrum(np.linspace(1.0, 2.0, 200), seed=6))  # clustered: slow
