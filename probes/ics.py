@@ -126,7 +126,12 @@ class ICSResult:
         return [
             {"probe": "ics_gradient_change", "layer": r.layer, "metric": metric, "value": float(value)}
             for r in self.layers
-            for metric, value in (("l2", r.l2), ("relative_l2", r.relative_l2), ("cosine", r.cosine))
+            for metric, value in (
+                ("l2", r.l2),
+                ("relative_l2", r.relative_l2),
+                ("cosine", r.cosine),
+                ("grad_norm", r.grad_norm),
+            )
         ]
 
     def __getitem__(self, layer: str) -> LayerICS:
@@ -380,11 +385,14 @@ def layer_input_statistics(
         stats.append(
             LayerInputStatistics(
                 layer=name,
-                mean=samples.mean(1).numpy(),
-                var=samples.var(1, unbiased=False).numpy(),
+                mean=samples.mean(1).cpu().numpy(),
+                var=samples.var(1, unbiased=False).cpu().numpy(),
                 percentile_levels=levels,
-                percentiles=torch.quantile(ordered, q, dim=1).numpy().reshape(len(levels), -1),
-                sorted_samples=ordered.numpy(),
+                percentiles=torch.quantile(ordered, q.to(ordered.device), dim=1)
+                .cpu()
+                .numpy()
+                .reshape(len(levels), -1),
+                sorted_samples=ordered.cpu().numpy(),
             )
         )
     return InputStatistics(tuple(stats))

@@ -116,7 +116,7 @@ def reference_ics(model, opt, x, y, bn: str = "batch") -> dict[str, tuple[float,
         g = torch.cat([full[n].flatten() for n in own])
         g2 = torch.cat([grads_of(net)[n].flatten() for n in own])
         diff = (g - g2).norm().item()
-        out[layer] = (diff, diff / g.norm().item(), (g @ g2 / (g.norm() * g2.norm())).item())
+        out[layer] = (diff, diff / g.norm().item(), (g @ g2 / (g.norm() * g2.norm())).item(), g.norm().item())
     return out
 
 
@@ -138,7 +138,8 @@ def test_ics_matches_brute_force(arch, norm, opt_name):
 
     assert [r.layer for r in result.layers] == list(expected)
     for r in result.layers:
-        l2, rel, cos = expected[r.layer]
+        l2, rel, cos, gnorm = expected[r.layer]
+        assert r.grad_norm == pytest.approx(gnorm, rel=1e-9)
         assert r.l2 == pytest.approx(l2, rel=1e-9, abs=1e-13)
         assert r.relative_l2 == pytest.approx(rel, rel=1e-9, abs=1e-13)
         assert r.cosine == pytest.approx(cos, rel=1e-9)
@@ -160,8 +161,10 @@ def test_ics_matches_brute_force(arch, norm, opt_name):
         assert {k: v for k, v in g.items() if k != "params"} == hyper
         assert all(a is b for a, b in zip(params, g["params"], strict=True))
     rows = result.to_records()
-    assert len(rows) == 3 * len(result.layers)
-    assert {r["metric"] for r in rows} == {"l2", "relative_l2", "cosine"}
+    assert len(rows) == 4 * len(result.layers)
+    assert {r["metric"] for r in rows} == {"l2", "relative_l2", "cosine", "grad_norm"}
+    norms = {r["layer"]: r["value"] for r in rows if r["metric"] == "grad_norm"}
+    assert norms == {r.layer: r.grad_norm for r in result.layers}
     assert all(r["probe"] == "ics_gradient_change" for r in rows)
 
 

@@ -633,7 +633,11 @@ class LpBatchNorm(BatchStatNorm):
 
     def __init__(self, num_features: int, *, p: float | str = 1, **options) -> None:
         super().__init__(num_features, **options)
-        p = float(p) if p in ("inf", float("inf")) else p
+        if isinstance(p, str):  # "1", "2", "inf" (e.g. from the command line's --set)
+            try:
+                p = float(p)
+            except ValueError:
+                raise ValueError(f"p must be 1, 2 or inf, got {p!r}") from None
         if p not in (1, 2, float("inf")):
             raise ValueError(f"p must be 1, 2 or inf, got {p!r}")
         self.p = p
