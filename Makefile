@@ -1,13 +1,16 @@
-# whybn: `make all` (set up .venv, regenerate every quick-preset figure) and `make test`.
+# whybn: `make all` (set up .venv, run every quick-preset study, build the paper) and `make test`.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | cksum | cut -d' ' -f1)
 PRESET ?= quick
+# The TeX the paper needs (Debian/Ubuntu package names).
+TEX_PACKAGES := latexmk texlive-latex-base texlive-latex-recommended texlive-latex-extra texlive-fonts-recommended
 
-.PHONY: all setup test test-slow lint figures bench clean
+.PHONY: all setup tex test test-slow lint figures paper bench clean
 
-all: setup
+# every study at $(PRESET), then the paper (`whybn all` ends with `whybn paper`)
+all: setup tex
 	$(BIN)/whybn all --preset $(PRESET)
 
 setup: $(STAMP)
@@ -21,7 +24,22 @@ $(STAMP): requirements.txt pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-test: setup
+# TeX for the paper: installed with apt-get where we may (root, or sudo without a password);
+# otherwise say what to install and go on (the paper's tests then skip, `make paper` stops).
+tex:
+	@if command -v latexmk >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing TeX: $(TEX_PACKAGES)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TEX_PACKAGES) >/dev/null || echo "make tex: installing TeX failed; the paper tests will skip"; \
+	elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+		echo "installing TeX: $(TEX_PACKAGES)"; \
+		sudo -n apt-get update -qq && sudo -n DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TEX_PACKAGES) >/dev/null || echo "make tex: installing TeX failed; the paper tests will skip"; \
+	else \
+		echo "make tex: latexmk not found and cannot install it here; to build the paper install:"; \
+		echo "  apt-get install --no-install-recommends $(TEX_PACKAGES)"; \
+	fi
+
+test: setup tex
 	$(BIN)/python -m pytest -q
 
 test-slow: setup
@@ -32,6 +50,10 @@ lint: setup
 
 figures: setup
 	$(BIN)/whybn figures
+
+# every table and number from results/, then paper/build/main.pdf
+paper: setup tex
+	$(BIN)/whybn paper --preset $(PRESET)
 
 # Side-by-side against PyHessian and curvlinops, in their own environment (benchmarks/.venv).
 bench: setup

@@ -9,7 +9,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-__all__ = ["Estimate", "bootstrap_ci", "summarize"]
+__all__ = ["DEFAULT_CONFIDENCE", "DEFAULT_RESAMPLES", "Estimate", "bootstrap_ci", "summarize"]
+
+#: The confidence level and bootstrap resamples of every interval whybn reports (the paper quotes them).
+DEFAULT_CONFIDENCE = 0.95
+DEFAULT_RESAMPLES = 9999
 
 
 @dataclass(frozen=True)
@@ -29,8 +33,8 @@ def bootstrap_ci(
     values: Sequence[float] | np.ndarray,
     statistic: Callable[[np.ndarray], float] = np.mean,
     *,
-    confidence: float = 0.95,
-    n_resamples: int = 9999,
+    confidence: float = DEFAULT_CONFIDENCE,
+    n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
 ) -> Estimate:
     """``statistic(values)`` with a BCa bootstrap CI (``scipy.stats.bootstrap``), over finite values.

@@ -4,7 +4,8 @@ whybn list
 whybn run STUDY [--preset quick|paper] [--device cpu|cuda] [--seeds N] [--results DIR]
                 [--executor local] [--set key=value ...]
 whybn figures [STUDY] [--preset quick] [--results DIR]
-whybn all [--preset quick] [--device cpu] [--results DIR]
+whybn paper [--preset quick] [--results DIR] [--build-dir DIR] [--tex-only]
+whybn all [--preset quick] [--device cpu] [--results DIR]          (every study, then the paper)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 import typing
@@ -121,6 +123,29 @@ def cmd_figures(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_paper(args: argparse.Namespace) -> int:
+    """Generate every table, macro and section from results/, then build paper/build/main.pdf."""
+    from analysis.paper import LatexError, build_pdf, latex_problems, write_paper_tex
+
+    studies = [get_study(name) for name in STUDY_NAMES]
+    out = write_paper_tex(studies, args.results, args.preset)
+    print(f"paper: TeX in {out}")
+    if args.tex_only:
+        return 0
+    build_dir = args.build_dir
+    if build_dir is None and Path(args.results).resolve() != DEFAULT_RESULTS.resolve():
+        build_dir = out / "build"  # a paper from other results must not overwrite paper/build
+    try:
+        pdf = build_pdf(args.results, args.preset, build_dir=build_dir)
+    except LatexError as err:
+        raise CLIError(str(err)) from None
+    problems = latex_problems((pdf.parent / "main.log").read_text(errors="replace"))
+    for line in problems:
+        print(f"paper: warning: {line}", file=sys.stderr)
+    print(f"paper: {pdf}")
+    return 0
+
+
 def cmd_all(args: argparse.Namespace) -> int:
     _check_device(args.device)
     status = 0
@@ -131,6 +156,11 @@ def cmd_all(args: argparse.Namespace) -> int:
         timings[name] = time.perf_counter() - start
     for name, seconds in timings.items():
         print(f"{name:<24} {seconds:7.1f}s")
+    if args.paper:
+        args.build_dir, args.tex_only = None, shutil.which("latexmk") is None
+        if args.tex_only:
+            print("whybn all: latexmk not found; wrote the paper's TeX only (`make tex` installs TeX)")
+        status |= cmd_paper(args)
     return status
 
 
@@ -138,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="whybn", description="Why does batch normalization work? Measure it."
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,run,figures,all}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,run,figures,paper,all}")
 
     def common(p: argparse.ArgumentParser, *, device: bool = True) -> None:
         p.add_argument(
@@ -166,8 +196,24 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, device=False)
     p.set_defaults(func=cmd_figures)
 
-    p = sub.add_parser("all", help="every study at a preset")
+    p = sub.add_parser(
+        "paper", help="tables, numbers and sections from results/, then paper/build/main.pdf (latexmk)"
+    )
+    common(p, device=False)
+    p.add_argument(
+        "--build-dir",
+        type=Path,
+        default=None,
+        help="where latexmk writes (default: paper/build; with --results DIR: DIR/paper/PRESET/build)",
+    )
+    p.add_argument("--tex-only", action="store_true", help="write the generated TeX, do not run latexmk")
+    p.set_defaults(func=cmd_paper)
+
+    p = sub.add_parser("all", help="every study at a preset, then the paper")
     common(p)
+    p.add_argument(
+        "--no-paper", dest="paper", action="store_false", help="run the studies only, not `whybn paper`"
+    )
     p.set_defaults(func=cmd_all)
     return parser
 

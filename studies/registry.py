@@ -7,7 +7,16 @@ import importlib
 from studies.lab.study import Study
 
 #: Every study, in the order `whybn all` runs them.
-STUDY_NAMES: tuple[str, ...] = ("activation_drift", "noisy_bn", "ics", "landscape", "hessian_spectrum")
+STUDY_NAMES: tuple[str, ...] = (
+    "activation_drift",
+    "noisy_bn",
+    "ics",
+    "landscape",
+    "hessian_spectrum",
+    "whitening",
+    "placement",
+    "depth",
+)
 
 
 def get_study(name: str) -> Study:

@@ -36,6 +36,12 @@ class Study:
     * ``run(run_config, ctx) -> list[dict]``: the run's tidy rows (``step, probe, layer, metric, value``).
     * ``analyze(df, config, out_dir) -> list[Claim]``: figures (PDF + PNG) into ``out_dir`` from the
       records of the finished runs, and the claims the study tests, computed from those records.
+    * ``config_columns``: config fields (e.g. ``lr``) that ``analyze`` gets as columns of ``df`` next to
+      the record fields.
+    * ``summarize(df) -> DataFrame`` (optional): the study's own summary table for the paper, from the
+      same ``df`` as ``analyze`` (columns ``estimate, ci_low, ci_high, n`` print as ``est [low, high]``;
+      see :func:`analysis.tables.dataframe_table`). ``None``: the paper shows the generic summary
+      (final accuracy and loss per grid cell) and the claims table only.
     """
 
     name: str
@@ -47,6 +53,8 @@ class Study:
     run: Callable[[dict[str, Any], RunContext], list[dict[str, Any]]]
     analyze: Callable[[pd.DataFrame, Any, Path], list[Any]]
     run_id_keys: tuple[str, ...] = ("arch", "norm", "seed")
+    config_columns: tuple[str, ...] = ()
+    summarize: Callable[[pd.DataFrame], pd.DataFrame] | None = None
 
     def preset(self, name: str) -> Any:
         try:

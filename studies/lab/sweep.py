@@ -91,7 +91,7 @@ def analyze_study(study: Study, config: Any, store: RunStore) -> list[Path]:
     from analysis.claims import write_claims
     from analysis.load import load_runs
 
-    df = load_runs(store.root, study.name, store.preset)
+    df = load_runs(store.root, study.name, store.preset, config_columns=study.config_columns)
     if df.empty:
         raise FileNotFoundError(
             f"no finished runs of {study.name!r} under {store.runs_dir}; run `whybn run {study.name}` first"
