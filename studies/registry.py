@@ -16,6 +16,8 @@ STUDY_NAMES: tuple[str, ...] = (
     "whitening",
     "placement",
     "depth",
+    "edge_of_stability",
+    "scale_invariance",
 )
 
 

@@ -1,0 +1,328 @@
+"""Edge of stability — Cohen, Kaur, Li, Kolter & Talwalkar 2021: does full-batch GD drive λmax to 2/η?
+
+Cohen et al. ("Gradient Descent on Neural Networks Typically Occurs at the Edge of Stability", ICLR
+2021) train networks with full-batch gradient descent at a fixed step size η and track the *sharpness*
+λmax, the largest eigenvalue of the Hessian of the full-batch training loss. Two phases (their Fig. 1):
+*progressive sharpening*, λmax rises during training until it reaches 2/η, the largest sharpness at
+which GD on a quadratic is stable; then the *edge of stability*, λmax hovers just above 2/η while the
+loss keeps falling, non-monotonically. They report it for many architectures, with and without batch
+normalization.
+
+Setup. Cohen et al.'s ``fc-tanh``: an MLP with 2 hidden layers of 200 tanh units (PyTorch's default
+init), trained with plain full-batch gradient descent (no momentum; ``TrainConfig(full_batch=True)``,
+every update uses the whole training subset) on their squared loss L = (1/n) Σᵢ ½‖f(xᵢ) − e_{yᵢ}‖²
+(``loss="mse"``, e_y the one-hot target; ``"ce"`` for cross-entropy), without norm and with BN before
+each tanh. With BN the full batch *is* the batch, so BN normalizes with the statistics of the whole
+training subset, in training and in the probe alike. Every ``probe_every`` updates the probe
+``sharpness`` computes λmax of the full-batch training-loss Hessian by Lanczos
+(``probes.hessian.hessian_eigenvalues``, k = 1, ``which="LA"``, tol 1e-3, BN measured with
+``bn="batch"``: the loss GD descends; no running statistic is updated), from a fresh start vector at
+each probe (no warm start), together with its number of Hessian-vector products.
+*Quick*: the first 500 MNIST-1D training examples (Cohen et al.: 5000 CIFAR-10 images), η ∈ {0.1,
+0.2} (2/η = 20 and 10), 1500 updates, λmax every 25 updates, 3 seeds. Smaller η needs more updates
+to reach 2/η (at η = 0.05 λmax had reached only ~0.86·2/η after 2500 updates in a trial run), so
+the quick preset stops at 0.1. *Paper*: 5000 Fashion-MNIST training examples, η ∈ {0.02, 0.05, 0.1},
+20 000 updates, 5 seeds (not checked here: no GPU).
+
+Claims tested (from the records; one value per seed, separately per norm and step size η;
+s(t) = λmax(t)·η/2, the sharpness in units of the stability threshold 2/η; "late" = probe steps
+t ≥ T/2, T the last step):
+
+1. *Progressive sharpening*: λmax rises during training. Statistic = log(max_t λmax(t) / λmax(0));
+   holds if the 95% CI is above 0 (a net that starts above 2/η and only falls does not sharpen).
+2. *λmax reaches 2/η*: statistic = max_t s(t); holds if the CI is above 0.9.
+3. *λmax then hovers at the edge*: statistic = |median over late steps of s(t) − 1|; holds if the CI is
+   below 0.2, i.e. the late median sharpness is within [0.8, 1.2]·2/η.
+
+Claims 1–3 are tested without norm and with BN (Cohen et al. report EoS with BN as well). A run that
+diverged (non-finite loss; the loop stops it) has no statistic: it is left out of the bootstrap (n
+counts the rest, so a claim with every run diverged has n = 0 and does not hold), and each claim's
+text says how many of its runs diverged.
+
+Figure ``edge_of_stability``: one column per η; top: λmax over training (each seed a line) per norm,
+with 2/η dashed; bottom: the full-batch training loss.
+
+Reproduce::
+
+    whybn run edge_of_stability                    # quick preset, ~3 minutes on 2 idle CPU cores
+    whybn run edge_of_stability --preset paper --device cuda
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import TensorDataset
+
+from analysis.claims import Claim, test_claim
+from analysis.style import NORM_LABELS, norm_palette, ordered_norms, save_figure, use_style
+from probes.hessian import hessian_eigenvalues
+from studies.lab.data import dataset_info, load_dataset
+from studies.lab.nets import make_net
+from studies.lab.study import RunContext, Study
+from studies.lab.train import ProbeContext, ProbeSchedule, TrainConfig, train
+
+SOURCE = "Cohen, Kaur, Li, Kolter & Talwalkar 2021, Fig. 1"
+SOURCE_BN = "Cohen, Kaur, Li, Kolter & Talwalkar 2021 (networks with batch normalization)"
+REACH_THRESHOLD = 0.9  # claim 2: max_t λmax·η/2 above this
+HOVER_TOLERANCE = 0.2  # claim 3: late median λmax·η/2 within 1 ± this
+LATE_FRACTION = 0.5  # claim 3: probe steps t ≥ LATE_FRACTION·T are "late"
+
+
+@dataclass(frozen=True)
+class Config:
+    norms: tuple[str, ...] = ("none", "bn")
+    lrs: tuple[float, ...] = (0.1, 0.2)
+    seeds: int = 3
+    dataset: str = "mnist1d"
+    data_root: str | None = None  # directory of fashion_mnist / cifar10 files
+    n_train: int = 500  # the first n_train training examples: the full batch
+    n_test: int | None = None
+    depth: int = 2
+    width: int = 200
+    activation: str = "tanh"
+    init: str = "torch"
+    loss: str = "mse"  # "mse": (1/n) Σ ½‖f(x) − onehot(y)‖²; "ce": cross-entropy
+    steps: int = 1500
+    probe_every: int = 25
+    log_every: int = 10
+    eval_every: int = 250
+    eig_tol: float = 1e-3
+
+
+QUICK = Config()
+PAPER = replace(
+    QUICK,
+    lrs=(0.02, 0.05, 0.1),
+    seeds=5,
+    dataset="fashion_mnist",
+    n_train=5000,
+    steps=20_000,
+    probe_every=100,
+    log_every=50,
+    eval_every=1000,
+)
+
+
+def grid(config: Config) -> list[dict[str, Any]]:
+    """One run per norm, step size and seed."""
+    base = {k: v for k, v in asdict(config).items() if k not in ("norms", "lrs", "seeds")}
+    return [
+        {"arch": "mlp", "norm": norm, "lr": lr, "seed": seed, **base}
+        for norm in config.norms
+        for lr in config.lrs
+        for seed in range(config.seeds)
+    ]
+
+
+def _data_options(rc: dict[str, Any]) -> dict[str, Any]:
+    options = {}
+    if rc["dataset"] in ("fashion_mnist", "cifar10"):
+        if rc.get("data_root"):
+            options["root"] = rc["data_root"]
+        for key in ("n_train", "n_test"):
+            if rc.get(key) is not None:
+                options[key] = rc[key]
+    return options
+
+
+def squared_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Cohen et al.'s squared loss: mean over examples of ½‖f(x) − e_y‖², e_y the one-hot target."""
+    onehot = F.one_hot(targets, outputs.shape[-1]).to(outputs.dtype)
+    return 0.5 * (outputs - onehot).pow(2).sum(dim=-1).mean()
+
+
+LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"mse": squared_loss, "ce": F.cross_entropy}
+
+
+def sharpness_probe(tol: float, seed: int) -> Callable[[ProbeContext], list[dict[str, Any]]]:
+    """A probe: λmax of the Hessian of the loss on ``ctx.batch`` (the full batch), BN with its statistics.
+
+    Rows (probe ``sharpness``): ``lambda_max``, ``n_matvecs``, ``converged``.
+    """
+
+    def probe(ctx: ProbeContext) -> list[dict[str, Any]]:
+        result = hessian_eigenvalues(
+            ctx.model, ctx.loss_fn, ctx.batch, k=1, which="LA", tol=tol, bn="batch", seed=seed
+        )
+        return [
+            {"metric": "lambda_max", "value": float(result.values[0])},
+            {"metric": "n_matvecs", "value": result.n_matvecs},
+            {"metric": "converged", "value": float(result.converged)},
+        ]
+
+    return probe
+
+
+def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
+    """Full-batch GD on the first ``n_train`` examples with the sharpness probe every ``probe_every``."""
+    if rc["loss"] not in LOSSES:
+        raise KeyError(f"unknown loss {rc['loss']!r}; known: {', '.join(LOSSES)}")
+    train_set, test_set = load_dataset(rc["dataset"], **_data_options(rc))
+    info = dataset_info(train_set)
+    if len(train_set) < rc["n_train"]:
+        raise ValueError(f"n_train {rc['n_train']} exceeds the {len(train_set)} training examples")
+    subset = TensorDataset(*(t[: rc["n_train"]] for t in train_set.tensors))
+    torch.manual_seed(rc["seed"])
+    model = make_net(
+        "mlp",
+        norm=rc["norm"],
+        in_shape=info.in_shape,
+        num_classes=info.num_classes,
+        depth=rc["depth"],
+        width=rc["width"],
+        activation=rc["activation"],
+        init=rc["init"],
+    )
+    config = TrainConfig(
+        optimizer="sgd",
+        lr=rc["lr"],
+        full_batch=True,
+        steps=rc["steps"],
+        eval_every=rc["eval_every"],
+        log_every=rc["log_every"],
+    )
+    schedule = ProbeSchedule(
+        sharpness_probe(rc["eig_tol"], rc["seed"]), every=rc["probe_every"], name="sharpness"
+    )
+    result = train(
+        model,
+        subset,
+        config=config,
+        loss_fn=LOSSES[rc["loss"]],
+        test_set=test_set,
+        probes=[schedule],
+        seed=rc["seed"],
+        device=ctx.device,
+        progress=ctx.progress,
+        desc=f"edge_of_stability {rc['norm']} lr{rc['lr']:g} s{rc['seed']}",
+    )
+    return result.records
+
+
+# ----------------------------------------------------------------------------------------------------
+# analysis
+
+
+def sharpness_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (run_id, norm, lr, seed, step): ``lambda_max`` and ``edge`` = λmax·η/2."""
+    rows = df[(df["probe"] == "sharpness") & (df["metric"] == "lambda_max")]
+    table = rows[["run_id", "norm", "lr", "seed", "step", "value"]].rename(columns={"value": "lambda_max"})
+    table = table.sort_values(["norm", "lr", "seed", "step"]).reset_index(drop=True)
+    table["edge"] = table["lambda_max"] * table["lr"] / 2
+    return table
+
+
+def per_run_statistics(df: pd.DataFrame) -> pd.DataFrame:
+    """Per run (norm, lr, seed): ``rise`` = log(max λ / λ(0)), ``reach`` = max s, ``hover`` =
+    |median of s over probe steps t ≥ T/2 − 1|, s = λmax·η/2, T the run's last probe step, and
+    ``diverged``; a diverged run's statistics are NaN (GD left the edge of stability: no value to test)."""
+    diverged = set(df.loc[(df["probe"] == "train") & (df["metric"] == "diverged"), "run_id"])
+    rows = []
+    for (run_id, norm, lr, seed), run in sharpness_table(df).groupby(["run_id", "norm", "lr", "seed"]):
+        lam, edge, step = run["lambda_max"].to_numpy(), run["edge"].to_numpy(), run["step"].to_numpy()
+        late = step >= LATE_FRACTION * step.max()
+        stats = {
+            "rise": float(np.log(lam.max() / lam[0])),
+            "reach": float(edge.max()),
+            "late_median": float(np.median(edge[late])),
+            "hover": float(abs(np.median(edge[late]) - 1)),
+        }
+        if run_id in diverged:
+            stats = dict.fromkeys(stats, np.nan)
+        rows.append({"norm": norm, "lr": lr, "seed": seed, **stats, "diverged": run_id in diverged})
+    columns = ["norm", "lr", "seed", "rise", "reach", "late_median", "hover", "diverged"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def claims(df: pd.DataFrame) -> list[Claim]:
+    """Claims 1–3 of the module docstring for each norm and step size present; each claim's text says
+    how many of its runs diverged (they are left out: n counts the rest)."""
+    stats = per_run_statistics(df)
+    out = []
+    for norm in ordered_norms(stats["norm"].unique()):
+        source = SOURCE if norm == "none" else SOURCE_BN
+        label = NORM_LABELS.get(norm, norm)
+        for lr in sorted(stats.loc[stats["norm"] == norm, "lr"].unique()):
+            part = stats[(stats["norm"] == norm) & (stats["lr"] == lr)].sort_values("seed")
+            where = f"{label}, full-batch GD, η = {lr:g}, 2/η = {2 / lr:g}"
+            where += f"; {int(part['diverged'].sum())} of {len(part)} runs diverged"
+            out += [
+                test_claim(
+                    f"Progressive sharpening: λmax rises during training ({where})",
+                    source,
+                    "log(max over training of λmax / λmax at initialization)",
+                    part["rise"].to_numpy(),
+                    threshold=0.0,
+                    direction=">",
+                ),
+                test_claim(
+                    f"λmax reaches the stability threshold 2/η ({where})",
+                    source,
+                    "max over training of λmax·η/2",
+                    part["reach"].to_numpy(),
+                    threshold=REACH_THRESHOLD,
+                    direction=">",
+                ),
+                test_claim(
+                    f"λmax then hovers at the edge of stability 2/η ({where})",
+                    source,
+                    f"|median of λmax·η/2 over probe steps t ≥ {LATE_FRACTION:g}·T − 1| (T: last step)",
+                    part["hover"].to_numpy(),
+                    threshold=HOVER_TOLERANCE,
+                    direction="<",
+                ),
+            ]
+    return out
+
+
+def analyze(df: pd.DataFrame, config: Config, out_dir: Path) -> list[Claim]:
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    use_style()
+    table = sharpness_table(df)
+    norms = ordered_norms(table["norm"].unique())
+    palette = norm_palette(norms)
+    lrs = sorted(table["lr"].unique())
+    loss = df[(df["probe"] == "train") & (df["metric"] == "loss")]
+    fig, axes = plt.subplots(2, len(lrs), figsize=(3.4 * len(lrs), 5.2), squeeze=False)
+    for col, lr in enumerate(lrs):
+        top, bottom = axes[0, col], axes[1, col]
+        sns.lineplot(table[table["lr"] == lr], x="step", y="lambda_max", hue="norm", hue_order=norms,
+                     palette=palette, units="seed", estimator=None, lw=0.9, ax=top,
+                     legend=col == 0)  # fmt: skip
+        top.axhline(2 / lr, color="0.4", ls="--", lw=1, label="2/η")
+        top.set(title=f"({'abcdefgh'[col]}) sharpness, η = {lr:g}", xlabel="update", ylabel="λmax")
+        sns.lineplot(loss[loss["lr"] == lr], x="step", y="value", hue="norm", hue_order=norms,
+                     palette=palette, units="seed", estimator=None, lw=0.9, ax=bottom,
+                     legend=False)  # fmt: skip
+        bottom.set(title=f"({'abcdefgh'[len(lrs) + col]}) training loss, η = {lr:g}", xlabel="update",
+                   ylabel=f"full-batch {config.loss} loss", yscale="log")  # fmt: skip
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    axes[0, 0].legend(handles, [NORM_LABELS.get(n, n) for n in labels], loc="best", fontsize="small")
+    fig.tight_layout()
+    save_figure(fig, out_dir, "edge_of_stability")
+    return claims(df)
+
+
+STUDY = Study(
+    name="edge_of_stability",
+    title="Sharpness λmax against 2/η under full-batch gradient descent, with and without BN",
+    reproduces="Cohen, Kaur, Li, Kolter & Talwalkar 2021, Fig. 1",
+    figures=("edge_of_stability",),
+    presets={"quick": QUICK, "paper": PAPER},
+    grid=grid,
+    run=run,
+    analyze=analyze,
+    run_id_keys=("arch", "norm", "lr", "seed"),
+    config_columns=("lr",),
+)
