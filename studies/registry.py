@@ -14,6 +14,8 @@ STUDY_NAMES: tuple[str, ...] = (
     "landscape",
     "hessian_spectrum",
     "whitening",
+    "batch_size",
+    "learning_rate",
     "placement",
     "depth",
     "edge_of_stability",
