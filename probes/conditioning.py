@@ -204,6 +204,13 @@ class LayerConditioning:
         return [row for stats in self.layers.values() for row in stats.to_records()]
 
 
+def _feature_rows(module: nn.Module, a: Tensor) -> Tensor:
+    """A layer's input with its features as the last axis of a matrix: ``nn.Linear`` acts on the last
+    dimension (a transformer's ``(N, T, C)`` tokens are N·T samples of C features); every other layer
+    keeps the ``(N, C, *spatial)`` convention of :func:`covariance_spectrum`."""
+    return a.reshape(-1, a.shape[-1]) if isinstance(module, nn.Linear) else a
+
+
 def layer_input_conditioning(
     model: nn.Module,
     batches: Batches,
@@ -215,10 +222,11 @@ def layer_input_conditioning(
     """Covariance spectrum of every selected layer's input, pooled over all ``batches``.
 
     For layer ℓ with inputs a (``(N, d)``; conv inputs ``(N, C, H, W)`` pool the H·W positions as
-    samples, features = channels): C_ℓ = Cov(a), its eigenvalues, κ(C_ℓ), effective rank and whiteness
-    ‖C_ℓ/mean(diag C_ℓ) − I‖_F (DESIGN.md). Ill-conditioned layer inputs make the layer's Hessian
-    block ill-conditioned (LeCun et al. 1998); BN standardizes the diagonal, DBN/IterNorm whiten C
-    (Huang et al. 2018, 2019). ``layers=None``: :func:`default_layers`. ``bn`` as in DESIGN.md.
+    samples, features = channels; ``nn.Linear`` inputs ``(N, T, d)`` pool the T tokens):
+    C_ℓ = Cov(a), its eigenvalues, κ(C_ℓ), effective rank and whiteness ‖C_ℓ/mean(diag C_ℓ) − I‖_F
+    (DESIGN.md). Ill-conditioned layer inputs make the layer's Hessian block ill-conditioned (LeCun et
+    al. 1998); BN standardizes the diagonal, DBN/IterNorm whiten C (Huang et al. 2018, 2019).
+    ``layers=None``: :func:`default_layers`. ``bn`` as in DESIGN.md.
     """
     check_bn(bn)
     pairs = as_batches(batches)
@@ -230,9 +238,12 @@ def layer_input_conditioning(
     return LayerConditioning(
         {
             name: covariance_spectrum(
-                inputs[name], center=center, layer=name, probe="layer_input_conditioning"
+                _feature_rows(module, inputs[name]),
+                center=center,
+                layer=name,
+                probe="layer_input_conditioning",
             )
-            for name in modules
+            for name, module in modules.items()
         }
     )
 

@@ -36,7 +36,7 @@ from analysis.claims import Claim, test_claim
 from analysis.style import NORM_LABELS, norm_palette, ordered_norms, save_figure, use_style
 from probes.activations import capture_layer_inputs
 from probes.functional import norm_mode
-from studies.lab.data import dataset_info, load_dataset
+from studies.lab.data import dataset_info, load_dataset, run_data_options
 from studies.lab.nets import make_net
 from studies.lab.study import RunContext, Study
 from studies.lab.train import ProbeContext, ProbeSchedule, TrainConfig, train
@@ -84,17 +84,6 @@ def grid(config: Config) -> list[dict[str, Any]]:
     ]
 
 
-def _data_options(rc: dict[str, Any]) -> dict[str, Any]:
-    options = {}
-    if rc["dataset"] in ("fashion_mnist", "cifar10"):
-        if rc.get("data_root"):
-            options["root"] = rc["data_root"]
-        for key in ("n_train", "n_test"):
-            if rc.get(key) is not None:
-                options[key] = rc[key]
-    return options
-
-
 def sigmoid_input_probe(probe_x: torch.Tensor, units: int, bn: str = "batch"):
     """A probe: percentiles of the last hidden activation's input on a fixed batch.
 
@@ -119,7 +108,7 @@ def sigmoid_input_probe(probe_x: torch.Tensor, units: int, bn: str = "batch"):
 
 
 def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
-    train_set, test_set = load_dataset(rc["dataset"], **_data_options(rc))
+    train_set, test_set = load_dataset(rc["dataset"], **run_data_options(rc))
     info = dataset_info(train_set)
     torch.manual_seed(rc["seed"])
     model = make_net(

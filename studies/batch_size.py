@@ -53,7 +53,7 @@ import torch
 
 from analysis.claims import Claim, test_claim
 from analysis.style import NORM_LABELS, norm_palette, ordered_norms, save_figure, use_style
-from studies.lab.data import dataset_info, load_dataset
+from studies.lab.data import dataset_info, load_dataset, run_data_options
 from studies.lab.nets import make_net
 from studies.lab.study import RunContext, Study
 from studies.lab.train import TrainConfig, train
@@ -112,19 +112,9 @@ def grid(config: Config) -> list[dict[str, Any]]:
     ]
 
 
-def _data_options(rc: dict[str, Any]) -> dict[str, Any]:
-    """``load_dataset`` options: the file directory for image datasets, subset sizes for all but MNIST-1D."""
-    options: dict[str, Any] = {}
-    if rc["dataset"] in ("fashion_mnist", "cifar10") and rc.get("data_root"):
-        options["root"] = rc["data_root"]
-    if rc["dataset"] != "mnist1d":
-        options.update({k: rc[k] for k in ("n_train", "n_test") if rc.get(k) is not None})
-    return options
-
-
 def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
     """Train one (norm, batch size, seed) for ``epochs`` passes; evaluate once per epoch."""
-    train_set, test_set = load_dataset(rc["dataset"], **_data_options(rc))
+    train_set, test_set = load_dataset(rc["dataset"], **run_data_options(rc))
     info = dataset_info(train_set)
     torch.manual_seed(rc["seed"])
     model = make_net(

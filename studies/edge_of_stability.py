@@ -65,7 +65,7 @@ from torch.utils.data import TensorDataset
 from analysis.claims import Claim, test_claim
 from analysis.style import NORM_LABELS, norm_palette, ordered_norms, save_figure, use_style
 from probes.hessian import hessian_eigenvalues
-from studies.lab.data import dataset_info, load_dataset
+from studies.lab.data import dataset_info, load_dataset, run_data_options
 from studies.lab.nets import make_net
 from studies.lab.study import RunContext, Study
 from studies.lab.train import ProbeContext, ProbeSchedule, TrainConfig, train
@@ -123,17 +123,6 @@ def grid(config: Config) -> list[dict[str, Any]]:
     ]
 
 
-def _data_options(rc: dict[str, Any]) -> dict[str, Any]:
-    options = {}
-    if rc["dataset"] in ("fashion_mnist", "cifar10"):
-        if rc.get("data_root"):
-            options["root"] = rc["data_root"]
-        for key in ("n_train", "n_test"):
-            if rc.get(key) is not None:
-                options[key] = rc[key]
-    return options
-
-
 def squared_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     """Cohen et al.'s squared loss: mean over examples of ½‖f(x) − e_y‖², e_y the one-hot target."""
     onehot = F.one_hot(targets, outputs.shape[-1]).to(outputs.dtype)
@@ -166,7 +155,7 @@ def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
     """Full-batch GD on the first ``n_train`` examples with the sharpness probe every ``probe_every``."""
     if rc["loss"] not in LOSSES:
         raise KeyError(f"unknown loss {rc['loss']!r}; known: {', '.join(LOSSES)}")
-    train_set, test_set = load_dataset(rc["dataset"], **_data_options(rc))
+    train_set, test_set = load_dataset(rc["dataset"], **run_data_options(rc))
     info = dataset_info(train_set)
     if len(train_set) < rc["n_train"]:
         raise ValueError(f"n_train {rc['n_train']} exceeds the {len(train_set)} training examples")

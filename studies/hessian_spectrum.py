@@ -89,7 +89,7 @@ from analysis.style import NORM_LABELS, norm_palette, ordered_norms, save_figure
 from probes import spectral
 from probes.functional import is_batch_dependent
 from probes.hvp import hessian_operator
-from studies.lab.data import dataset_info, load_dataset
+from studies.lab.data import dataset_info, load_dataset, run_data_options
 from studies.lab.nets import make_net
 from studies.lab.study import RunContext, Study
 from studies.lab.train import ProbeContext, ProbeSchedule, TrainConfig, train
@@ -184,17 +184,6 @@ def grid(config: Config) -> list[dict[str, Any]]:
         for norm in config.norms
         for seed in range(config.seeds)
     ]
-
-
-def _data_options(rc: dict[str, Any]) -> dict[str, Any]:
-    options = {}
-    if rc["dataset"] in ("fashion_mnist", "cifar10"):
-        if rc.get("data_root"):
-            options["root"] = rc["data_root"]
-        for key in ("n_train", "n_test"):
-            if rc.get(key) is not None:
-                options[key] = rc[key]
-    return options
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -341,7 +330,7 @@ def hessian_probe(
 
 
 def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
-    train_set, test_set = load_dataset(rc["dataset"], **_data_options(rc))
+    train_set, test_set = load_dataset(rc["dataset"], **run_data_options(rc))
     info = dataset_info(train_set)
     arch, options = NETS[rc["net"]]
     width = rc["mlp_width"] if arch == "mlp" else rc["conv_width"]

@@ -77,7 +77,7 @@ import torch
 from analysis.claims import Claim, test_claim
 from analysis.style import NORM_LABELS, norm_palette, ordered_norms, save_figure, use_style
 from probes.ics import ics_gradient_change
-from studies.lab.data import dataset_info, load_dataset
+from studies.lab.data import dataset_info, load_dataset, run_data_options
 from studies.lab.nets import make_net
 from studies.lab.study import RunContext, Study
 from studies.lab.train import ProbeContext, ProbeSchedule, TrainConfig, train
@@ -183,19 +183,6 @@ def grid(config: Config) -> list[dict[str, Any]]:
     ]
 
 
-def _data_options(rc: dict[str, Any]) -> dict[str, Any]:
-    if rc["dataset"] == "gaussian":
-        return {"n_train": rc["n_train"], "n_test": rc["n_test"]}
-    options = {}
-    if rc["dataset"] in ("fashion_mnist", "cifar10"):
-        if rc.get("data_root"):
-            options["root"] = rc["data_root"]
-        for key in ("n_train", "n_test"):
-            if rc.get(key) is not None:
-                options[key] = rc[key]
-    return options
-
-
 def ics_probe(bn: str = "batch") -> Callable[[ProbeContext], list[dict[str, Any]]]:
     """A probe: Santurkar et al.'s ICS (Def. 2.1) of every layer that has parameters before it.
 
@@ -223,7 +210,7 @@ def ics_probe(bn: str = "batch") -> Callable[[ProbeContext], list[dict[str, Any]
 
 
 def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
-    train_set, test_set = load_dataset(rc["dataset"], **_data_options(rc))
+    train_set, test_set = load_dataset(rc["dataset"], **run_data_options(rc))
     info = dataset_info(train_set)
     torch.manual_seed(rc["seed"])
     model = make_net(

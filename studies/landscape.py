@@ -71,7 +71,7 @@ from analysis.claims import Claim, test_claim
 from analysis.style import NORM_LABELS, norm_palette, ordered_norms, save_figure, use_style
 from probes.functional import norm_mode
 from probes.smoothness import landscape_along_gradient
-from studies.lab.data import dataset_info, load_dataset
+from studies.lab.data import dataset_info, load_dataset, run_data_options
 from studies.lab.nets import make_net
 from studies.lab.study import RunContext, Study
 from studies.lab.train import ProbeContext, ProbeSchedule, TrainConfig, train
@@ -150,17 +150,6 @@ def grid(config: Config) -> list[dict[str, Any]]:
     ]
 
 
-def _data_options(rc: dict[str, Any]) -> dict[str, Any]:
-    options = {}
-    if rc["dataset"] in ("fashion_mnist", "cifar10"):
-        if rc.get("data_root"):
-            options["root"] = rc["data_root"]
-        for key in ("n_train", "n_test"):
-            if rc.get(key) is not None:
-                options[key] = rc[key]
-    return options
-
-
 def landscape_probe(
     step_sizes: Sequence[float], subset: tuple[torch.Tensor, torch.Tensor], batch_size: int, bn: str = "batch"
 ) -> Callable[[ProbeContext], list[dict[str, Any]]]:
@@ -190,7 +179,7 @@ def landscape_probe(
 
 def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
     """Train one variant with the landscape probe; every row is stamped with ``variant`` and ``lr``."""
-    train_set, test_set = load_dataset(rc["dataset"], **_data_options(rc))
+    train_set, test_set = load_dataset(rc["dataset"], **run_data_options(rc))
     info = dataset_info(train_set)
     options = {} if rc["p"] is None else {"norm_options": {"p": "inf" if rc["p"] == "inf" else int(rc["p"])}}
     torch.manual_seed(rc["seed"])

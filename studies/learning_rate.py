@@ -62,7 +62,7 @@ import torch
 from analysis.claims import Claim, test_claim
 from analysis.style import NORM_LABELS, norm_palette, ordered_norms, save_figure, use_style
 from probes.smoothness import landscape_along_gradient
-from studies.lab.data import dataset_info, load_dataset
+from studies.lab.data import dataset_info, load_dataset, run_data_options
 from studies.lab.nets import make_net
 from studies.lab.study import RunContext, Study
 from studies.lab.train import ProbeContext, ProbeSchedule, TrainConfig, train
@@ -130,16 +130,6 @@ def grid(config: Config) -> list[dict[str, Any]]:
     ]
 
 
-def _data_options(rc: dict[str, Any]) -> dict[str, Any]:
-    """``load_dataset`` options: the file directory for image datasets, subset sizes for all but MNIST-1D."""
-    options: dict[str, Any] = {}
-    if rc["dataset"] in ("fashion_mnist", "cifar10") and rc.get("data_root"):
-        options["root"] = rc["data_root"]
-    if rc["dataset"] != "mnist1d":
-        options.update({k: rc[k] for k in ("n_train", "n_test") if rc.get(k) is not None})
-    return options
-
-
 def init_landscape_probe(step_sizes: Sequence[float], bn: str) -> Callable[[ProbeContext], list[dict]]:
     """A probe: ``landscape_along_gradient`` on the minibatch of the coming update, at ``step_sizes``."""
 
@@ -152,7 +142,7 @@ def init_landscape_probe(step_sizes: Sequence[float], bn: str) -> Callable[[Prob
 
 def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
     """Train one (norm, learning rate, seed); evaluate at the start and the end."""
-    train_set, test_set = load_dataset(rc["dataset"], **_data_options(rc))
+    train_set, test_set = load_dataset(rc["dataset"], **run_data_options(rc))
     info = dataset_info(train_set)
     torch.manual_seed(rc["seed"])
     model = make_net(

@@ -79,7 +79,7 @@ from analysis.style import NORM_LABELS, norm_palette, ordered_norms, save_figure
 from probes.activations import capture_layer_inputs
 from probes.functional import norm_mode, probe_guard
 from probes.ics import InputStatistics, LayerInputStatistics, distribution_shift
-from studies.lab.data import dataset_info, load_dataset
+from studies.lab.data import dataset_info, load_dataset, run_data_options
 from studies.lab.nets import make_net
 from studies.lab.norms import TimeVaryingNoise
 from studies.lab.study import RunContext, Study
@@ -140,17 +140,6 @@ PAPER = replace(
 def grid(config: Config) -> list[dict[str, Any]]:
     base = {k: v for k, v in asdict(config).items() if k not in ("norms", "seeds")}
     return [{"norm": norm, "seed": seed, **base} for norm in config.norms for seed in range(config.seeds)]
-
-
-def _data_options(rc: dict[str, Any]) -> dict[str, Any]:
-    options = {}
-    if rc["dataset"] in ("fashion_mnist", "cifar10"):
-        if rc.get("data_root"):
-            options["root"] = rc["data_root"]
-        for key in ("n_train", "n_test"):
-            if rc.get(key) is not None:
-                options[key] = rc[key]
-    return options
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -232,7 +221,7 @@ def activation_probe(
 
 
 def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
-    train_set, test_set = load_dataset(rc["dataset"], **_data_options(rc))
+    train_set, test_set = load_dataset(rc["dataset"], **run_data_options(rc))
     info = dataset_info(train_set)
     noise = {k: rc[k] for k in ("noise_mean", "noise_scale", "noise_std")} if rc["norm"] in NOISY else {}
     torch.manual_seed(rc["seed"])

@@ -68,7 +68,7 @@ from analysis.style import NORM_LABELS, norm_palette, save_figure, use_style
 from probes.activations import capture_layer_inputs
 from probes.functional import norm_mode
 from probes.smoothness import landscape_along_gradient
-from studies.lab.data import dataset_info, load_dataset
+from studies.lab.data import dataset_info, load_dataset, run_data_options
 from studies.lab.nets import make_net
 from studies.lab.study import RunContext, Study
 from studies.lab.train import ProbeContext, ProbeSchedule, TrainConfig, train
@@ -157,17 +157,6 @@ def grid(config: Config) -> list[dict[str, Any]]:
     return runs
 
 
-def _data_options(rc: dict[str, Any]) -> dict[str, Any]:
-    options = {}
-    if rc["dataset"] in ("fashion_mnist", "cifar10"):
-        if rc.get("data_root"):
-            options["root"] = rc["data_root"]
-        for key in ("n_train", "n_test"):
-            if rc.get(key) is not None:
-                options[key] = rc[key]
-    return options
-
-
 def relative_derivative(activation: str, z: Tensor) -> Tensor:
     """g'(z) / max g' for the activation g: sigmoid σ(1 − σ)/¼, tanh 1 − tanh², ReLU 1[z > 0]."""
     if activation == "sigmoid":
@@ -227,7 +216,7 @@ def landscape_probe(
 
 def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
     """Train one (arch, activation, variant, lr, seed) with the saturation and landscape probes."""
-    train_set, test_set = load_dataset(rc["dataset"], **_data_options(rc))
+    train_set, test_set = load_dataset(rc["dataset"], **run_data_options(rc))
     info = dataset_info(train_set)
     torch.manual_seed(rc["seed"])
     model = make_net(

@@ -13,6 +13,7 @@ STUDY_NAMES: tuple[str, ...] = (
     "ics",
     "landscape",
     "hessian_spectrum",
+    "norm_zoo",
     "whitening",
     "batch_size",
     "learning_rate",

@@ -75,7 +75,7 @@ import torch
 from analysis.claims import Claim, test_claim
 from analysis.style import NORM_LABELS, norm_palette, ordered_norms, save_figure, use_style
 from probes.gradients import effective_learning_rates, scale_invariance
-from studies.lab.data import dataset_info, load_dataset
+from studies.lab.data import dataset_info, load_dataset, run_data_options
 from studies.lab.nets import make_net
 from studies.lab.study import RunContext, Study
 from studies.lab.train import ProbeContext, ProbeSchedule, TrainConfig, lr_at, train
@@ -132,17 +132,6 @@ def grid(config: Config) -> list[dict[str, Any]]:
         for wd in config.weight_decays
         for seed in range(config.seeds)
     ]
-
-
-def _data_options(rc: dict[str, Any]) -> dict[str, Any]:
-    options = {}
-    if rc["dataset"] in ("fashion_mnist", "cifar10"):
-        if rc.get("data_root"):
-            options["root"] = rc["data_root"]
-        for key in ("n_train", "n_test"):
-            if rc.get(key) is not None:
-                options[key] = rc[key]
-    return options
 
 
 def _weight(module: torch.nn.Module) -> torch.nn.Parameter:
@@ -216,7 +205,7 @@ def invariance_probe(
 
 def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
     """Train with plain SGD; track ‖W‖² every update and probe invariance every ``probe_every``."""
-    train_set, test_set = load_dataset(rc["dataset"], **_data_options(rc))
+    train_set, test_set = load_dataset(rc["dataset"], **run_data_options(rc))
     info = dataset_info(train_set)
     torch.manual_seed(rc["seed"])
     model = make_net(

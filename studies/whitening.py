@@ -95,7 +95,7 @@ from probes.conditioning import (
     make_least_squares,
     normalization_disturbance,
 )
-from studies.lab.data import dataset_info, load_dataset
+from studies.lab.data import dataset_info, load_dataset, run_data_options
 from studies.lab.nets import make_net
 from studies.lab.study import RunContext, Study
 from studies.lab.train import ProbeContext, ProbeSchedule, TrainConfig, train
@@ -246,17 +246,6 @@ def grid(config: Config) -> list[dict[str, Any]]:
     return runs
 
 
-def _data_options(rc: dict[str, Any]) -> dict[str, Any]:
-    options = {}
-    if rc["dataset"] in ("fashion_mnist", "cifar10"):
-        if rc.get("data_root"):
-            options["root"] = rc["data_root"]
-        for key in ("n_train", "n_test"):
-            if rc.get(key) is not None:
-                options[key] = rc[key]
-    return options
-
-
 # ----------------------------------------------------------------------------------------------------
 # (a) least squares
 
@@ -357,7 +346,7 @@ def conditioning_probe(probe_batch: tuple[torch.Tensor, torch.Tensor], bn: str =
 
 
 def training_rows(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
-    train_set, test_set = load_dataset(rc["dataset"], **_data_options(rc))
+    train_set, test_set = load_dataset(rc["dataset"], **run_data_options(rc))
     info = dataset_info(train_set)
     norm, options = VARIANTS[rc["variant"]]
     if norm in ("dbn", "iternorm"):
@@ -399,7 +388,7 @@ def training_rows(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
 def disturbance_rows(rc: dict[str, Any]) -> list[dict[str, Any]]:
     """SND of BN, ZCA and IterNorm over batch and group sizes, on the second hidden layer's
     pre-activations of the no-norm MLP at initialization (``snd_samples`` examples chosen by the seed)."""
-    train_set, _ = load_dataset(rc["dataset"], **_data_options(rc))
+    train_set, _ = load_dataset(rc["dataset"], **run_data_options(rc))
     info = dataset_info(train_set)
     if rc["depth"] < 2:
         raise ValueError("disturbance: needs depth >= 2 (measured at the second hidden layer)")

@@ -288,3 +288,16 @@ def test_kfac_conv_factors_use_unfolded_patches():
     rows = torch.cat([patches, torch.ones(len(patches), 1, dtype=torch.float64)], dim=1)
     np.testing.assert_allclose(first.A, rows.T @ rows / len(rows), atol=1e-12)
     assert first.a_stats.n_samples == len(rows)
+
+
+def test_layer_input_conditioning_of_token_inputs_pools_tokens():
+    """A linear layer on (N, T, C) tokens acts on C: its input covariance is C × C over the N·T tokens."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).double()
+    x = torch.randn(5, 7, 4, dtype=torch.float64) * torch.tensor([1.0, 2.0, 3.0, 0.5], dtype=torch.float64)
+    result = layer_input_conditioning(model, (x, torch.zeros(5)), layers=["0", "2"])
+    a = x.reshape(-1, 4)
+    expected = np.linalg.eigvalsh(np.cov(a.numpy(), rowvar=False, bias=True))
+    stats = result.layers["0"]
+    np.testing.assert_allclose(np.sort(stats.eigenvalues), np.sort(expected), rtol=1e-10)
+    assert stats.n_samples == 35 and result.layers["2"].eigenvalues.shape == (6,)

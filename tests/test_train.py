@@ -385,6 +385,28 @@ def test_nan_output_ends_the_run_as_diverged():
     assert result.final["diverged"] == 1.0
 
 
+def test_a_linear_algebra_failure_in_the_forward_is_divergence():
+    """A whitening layer's eigendecomposition fails on exploded activations: the run is diverged data."""
+
+    class FailsAt(nn.Module):
+        def __init__(self, step: int) -> None:
+            super().__init__()
+            self.lin, self.calls, self.step = nn.Linear(5, 2), 0, step
+
+        def forward(self, x):
+            if self.training:
+                self.calls += 1
+                if self.calls > self.step:
+                    raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+            return self.lin(x)
+
+    result = train(FailsAt(4), blobs(), config=TrainConfig(steps=20, batch_size=16), test_set=blobs())
+    assert result.diverged and result.steps_done == 4
+    last = result.records[-1]
+    assert (last["step"], last["metric"], last["value"]) == (4, "diverged", 1.0)
+    assert last["reason"].startswith("LinAlgError: linalg.eigh")
+
+
 def test_huge_lr_diverges_without_exception():
     config = TrainConfig(lr=1e12, steps=100, batch_size=16)
     result = train(mlp(), blobs(), config=config, test_set=blobs())

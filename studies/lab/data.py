@@ -40,7 +40,7 @@ import threading
 import warnings
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -692,6 +692,20 @@ def _loader(name: str) -> Callable[..., Splits]:
         return DATASETS[name]
     except (KeyError, TypeError):
         raise KeyError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}") from None
+
+
+def run_data_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The :func:`load_dataset` options of a study's run config: ``data_root`` (as ``root``), ``n_train``
+    and ``n_test``, for those the dataset ``config["dataset"]`` takes and the config sets (not None).
+
+    >>> run_data_options({"dataset": "fashion_mnist", "data_root": "/d", "n_train": 100, "n_test": None})
+    {'root': '/d', 'n_train': 100}
+    >>> run_data_options({"dataset": "mnist1d", "n_train": 100})
+    {}
+    """
+    accepted = dataset_options(config["dataset"])
+    given = {"root": config.get("data_root"), **{k: config.get(k) for k in ("n_train", "n_test")}}
+    return {k: v for k, v in given.items() if k in accepted and v is not None}
 
 
 def load_dataset(name: str = "mnist1d", **options: Any) -> Splits:

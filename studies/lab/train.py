@@ -533,7 +533,12 @@ def train(
             lr = optimizer.param_groups[0]["lr"]
             optimizer.zero_grad(set_to_none=True)
             inputs, targets = batch
-            outputs = model(inputs)
+            try:
+                outputs = model(inputs)
+            except torch.linalg.LinAlgError as error:  # e.g. a whitening layer's eigh on exploded inputs
+                records.append(_row(step, "train", "diverged", 1.0, reason=f"LinAlgError: {error}"[:300]))
+                diverged = True
+                break
             loss = loss_fn(outputs, targets)
             loss_value = loss.detach().item()
             if not math.isfinite(loss_value):
