@@ -91,3 +91,29 @@ def test_console_entry_point_and_module():
         [sys.executable, "-m", "studies", "list"], capture_output=True, text=True, check=True
     )
     assert "activation_drift" in out.stdout and "Ioffe & Szegedy 2015, Fig. 1" in out.stdout
+
+
+def test_readme_lists_every_figure_of_every_study():
+    """The README's figure table names each figure of each registered study with its command."""
+    from pathlib import Path
+
+    from studies.registry import STUDY_NAMES, get_study
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name in STUDY_NAMES:
+        for figure in get_study(name).figures:
+            row = f"| `results/{name}/quick/figures/{figure}.pdf` | `whybn run {name}` |"
+            assert row in readme, f"README lacks the figure row {row}"
+
+
+def test_threads_are_set_and_checked(toy_registry, tmp_path, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert cli.main(["run", "toy", "--results", str(tmp_path), "--threads", "0"]) == 2
+        assert "--threads must be a positive integer, got 0" in capsys.readouterr().err
+        assert cli.main(["run", "toy", "--results", str(tmp_path), "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
