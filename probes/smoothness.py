@@ -118,21 +118,22 @@ def _value_and_grad(
     """(L, ∇_w L) of the sample-weighted mean loss at the model's current parameters ``ws``: one forward
     and one backward pass per batch (the model is already in the probe's norm mode)."""
     loss = 0.0
-    grads = [torch.zeros_like(p) for p in ws]
+    grads: list[Tensor] | None = None
     for (x, y), weight in zip(pairs, weights, strict=True):
         with torch.enable_grad():
             out = check_loss(loss_fn(model(x), y))
-            parts = torch.autograd.grad(out, ws, allow_unused=True)
+            parts = torch.autograd.grad(out, ws, allow_unused=True, materialize_grads=True)
         loss += weight * float(out.detach())
-        for acc, part in zip(grads, parts, strict=True):
-            if part is not None:
-                acc.add_(part, alpha=weight)
+        if grads is None:  # one batch (the usual case): no accumulation buffers
+            grads = list(parts) if weight == 1.0 else list(torch._foreach_mul(parts, weight))
+        else:
+            torch._foreach_add_(grads, parts, alpha=weight)
     return loss, grads
 
 
 def _norm(tensors: list[Tensor]) -> float:
-    """‖(t₁, …, t_m)‖₂ of the concatenation."""
-    return math.sqrt(sum(float(torch.linalg.vector_norm(t)) ** 2 for t in tensors))
+    """‖(t₁, …, t_m)‖₂ of the concatenation (one synchronization)."""
+    return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors))))
 
 
 def landscape_along_gradient(
@@ -166,24 +167,24 @@ def landscape_along_gradient(
     chosen = resolve_params(model, params)
     pairs = as_batches(batches)
     weights = [x.shape[0] / sum(x.shape[0] for x, _ in pairs) for x, _ in pairs]  # n_b / N
-    with probe_guard(model), norm_mode(model, bn):
+    with probe_guard(model) as state, norm_mode(model, bn):
         # evaluated in place on the model's own parameters (the guard restores them): a plain forward
         # and backward per point, as cheap as the gradient it is measured in units of
         ws = [p for _, p in chosen]
         for p in ws:
             p.requires_grad_(True)
-        w0 = [p.detach().clone() for p in ws]
+        w0 = [state.parameters[name] for name, _ in chosen]  # the guard's snapshot: read, never written
         loss0, g = _value_and_grad(model, loss_fn, pairs, weights, ws)
         grad_norm = _norm(g)
         losses = np.empty(etas.size)
         distances = np.empty(etas.size)
         for i, eta in enumerate(etas):
             with torch.no_grad():
-                for p, p0, gp in zip(ws, w0, g, strict=True):
-                    p.copy_(p0).add_(gp, alpha=-float(eta))
+                torch._foreach_copy_(ws, w0)
+                torch._foreach_add_(ws, g, alpha=-float(eta))
             loss, grad = _value_and_grad(model, loss_fn, pairs, weights, ws)
             losses[i] = loss
-            distances[i] = _norm([a - b for a, b in zip(g, grad, strict=True)])
+            distances[i] = _norm(torch._foreach_sub(g, grad))
     with np.errstate(divide="ignore", invalid="ignore"):
         betas = distances / (etas * grad_norm)
         relative = losses / loss0
