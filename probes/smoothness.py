@@ -184,7 +184,8 @@ def landscape_along_gradient(
                 torch._foreach_add_(ws, g, alpha=-float(eta))
             loss, grad = _value_and_grad(model, loss_fn, pairs, weights, ws)
             losses[i] = loss
-            distances[i] = _norm(torch._foreach_sub(g, grad))
+            torch._foreach_sub_(grad, g)  # in place: this point's gradient is not needed afterwards
+            distances[i] = _norm(grad)
     with np.errstate(divide="ignore", invalid="ignore"):
         betas = distances / (etas * grad_norm)
         relative = losses / loss0
