@@ -74,7 +74,9 @@ def hessian_eigenvalues(
     kept for comparison).
 
     ``which``: ``"LA"`` largest algebraic (descending), ``"SA"`` smallest algebraic (ascending),
-    ``"LM"`` largest magnitude. Converged when every Ritz residual ``‖H y − θ y‖ ≤ tol·|θ|``.
+    ``"LM"`` largest magnitude. ``tol``: the relative accuracy of the values (Lanczos stops on the
+    estimated eigenvalue error, on the Ritz residual when ``return_vectors``; see
+    :func:`probes.spectral.eigenvalues`).
     ``hvp`` picks the Hessian-vector product (:func:`probes.hvp.hessian_operator`).
     """
     with hessian_operator(model, loss_fn, batches, params=params, bn=bn, method=hvp) as op:

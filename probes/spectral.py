@@ -381,7 +381,7 @@ def eigenvalues(
     ``"LM"`` largest magnitude (descending ``|λ|``, sign kept).
 
     Convergence. Lanczos: a wanted Ritz value ``θ`` is converged when its estimated *eigenvalue* error
-    ``min(r, r²/gap)`` is ``≤ max(tol · |θ|, 10 √n · eps · ‖A‖)``, with ``r = ‖A y − θ y‖`` the residual
+    ``min(r, r²/gap)`` is ``≤ max(tol · |θ|, 10 · eps · ‖A‖)``, with ``r = ‖A y − θ y‖`` the residual
     of its Ritz vector ``y`` (``β_m |s_{m,i}|``, or ``‖R_m S_{last block, i}‖`` for a block: the last
     component of the eigenvector ``s_i`` of the projected matrix ``T_m``; Parlett, *The Symmetric
     Eigenvalue Problem*, §13.2) and ``gap`` the distance to the rest of the spectrum estimated from the
@@ -389,7 +389,8 @@ def eigenvalues(
     the eigenvalues returned. With ``return_vectors=True`` the test is on the residual itself,
     ``r ≤ max(tol · |θ|, …)``, so the vectors are accurate to ``tol`` too (this costs more products).
     The second term of the max, the rounding level, lets eigenvalues at 0 converge. ``"power"`` tests
-    the residual of its iterate; ``"scipy"`` uses ARPACK's own test (residual ``≤ tol · |θ|``).
+    the residual of its iterate (rounding level ``10 √n · eps · ‖A‖``: its deflated residual sums n
+    terms); ``"scipy"`` uses ARPACK's own test (residual ``≤ tol · |θ|``).
 
     Methods:
 
@@ -466,7 +467,7 @@ def _eigenvalue_errors(theta: np.ndarray, res: np.ndarray) -> np.ndarray:
 
     ``|λ − θ_i| ≤ r_i`` always holds for some eigenvalue λ; when the rest of the spectrum is at least
     ``gap_i`` away from ``θ_i``, ``|λ − θ_i| ≤ r_i² / gap_i`` (the Kato–Temple inequality; Parlett,
-    *The Symmetric Eigenvalue Problem*, ch. 11). The gap is estimated from the other Ritz values, each
+    *The Symmetric Eigenvalue Problem*). The gap is estimated from the other Ritz values, each
     moved towards ``θ_i`` by its own residual (an eigenvalue lies within ``r_j`` of ``θ_j``). This is an
     estimate, not a bound: an eigenvalue that the Krylov space has not seen at all, lying between
     ``θ_i`` and its neighbours, would make the true gap smaller.
