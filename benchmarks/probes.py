@@ -6,7 +6,7 @@ Runs in the project's environment (no peer tools needed)::
 
 Same problems as ``benchmarks/hessian.py`` (train-mode BN at a seeded initialization). Each probe's wall
 time is a median over repetitions after a warm-up, divided by the median time of one plain gradient
-(forward + backward) on the same batch. Bounds from the issue: ``ics_gradient_change`` ≤ layers + 1
+(forward + backward) on the same batch, the two timed alternately. Bounds from the issue: ``ics_gradient_change`` ≤ layers + 1
 gradients, ``landscape_along_gradient`` ≤ grid size + 1 gradients. The probes' own counts
 (``ICSResult.n_gradients``, ``Landscape.n_grad_evals``) are printed next to the measured ratios.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from torch.nn import functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.hessian import build, median_time, plain_gradient, problem_specs, table  # noqa: E402
+from benchmarks.hessian import build, median_time, plain_gradient, problem_specs, table, timed  # noqa: E402
 from probes import (  # noqa: E402
     hessian_eigenvalues,
     hessian_trace,
@@ -51,6 +52,19 @@ def trained_optimizer(model, x, y) -> torch.optim.Optimizer:
     model.load_state_dict(state)  # the weights as they were; the optimizer keeps its momentum
     opt.zero_grad(set_to_none=True)
     return opt
+
+
+def interleaved_medians(probe, gradient, device: torch.device, reps: int) -> tuple[float, float]:
+    """Median wall times of ``probe`` and of ``gradient``, timed alternately after one warm-up each.
+
+    Alternating the two cancels slow drifts of the machine (frequency, other load) that would bias a ratio
+    of two medians taken minutes apart."""
+    probe(), gradient()
+    tp, tg = [], []
+    for _ in range(reps):
+        tg.append(timed(gradient, device)[0])
+        tp.append(timed(probe, device)[0])
+    return statistics.median(tp), statistics.median(tg)
 
 
 def run(spec: dict, device: torch.device, reps: int) -> list[list[str]]:
@@ -93,8 +107,8 @@ def run(spec: dict, device: torch.device, reps: int) -> list[list[str]]:
     }
     rows = []
     for name, (fn, bound_text, bound) in probes.items():
-        t = median_time(fn, device, reps=reps)
-        ratio = t / grad_time
+        t, g = interleaved_medians(fn, lambda: plain_gradient(model, x, y), device, reps)
+        ratio = t / g
         verdict = "" if bound is None else ("✓" if ratio <= bound else "✗")
         rows.append([spec["name"], name, f"{t * 1e3:.1f} ms", f"{ratio:.2f}", bound_text, verdict])
     rows.insert(
@@ -111,7 +125,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    reps = 2 if args.quick else 5
+    reps = 3 if args.quick else 11
     rows = []
     for spec in problem_specs(args.quick):
         rows += run(spec, device, reps)

@@ -2,7 +2,10 @@
 
 whybn list
 whybn run STUDY [--preset quick|paper] [--device cpu|cuda] [--seeds N] [--results DIR]
-                [--executor local] [--set key=value ...]
+                [--executor local|slurm|submitit-local] [--workers N] [--set key=value ...]
+                [--partition P] [--time MIN] [--gpus N] [--cpus-per-task N] [--mem-gb G]
+                [--array-parallelism N] [--slurm KEY=VALUE ...] [--slurm-config FILE.toml] [--wait]
+whybn status STUDY [--preset quick] [--results DIR]                  (done / running / failed / diverged)
 whybn figures [STUDY] [--preset quick] [--results DIR]
 whybn paper [--preset quick] [--results DIR] [--build-dir DIR] [--tex-only]
 whybn all [--preset quick] [--device cpu] [--results DIR]          (every study, then the paper)
@@ -22,9 +25,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from studies.lab.store import RunStore
+from studies.lab.store import RUN_STATES, RunStore
 from studies.lab.study import RunContext, Study, apply_overrides
-from studies.lab.sweep import analyze_study, run_sweep
+from studies.lab.sweep import EXECUTORS, ExecutorSpec, analyze_study, run_sweep, sweep_status
 from studies.registry import STUDY_NAMES, get_study
 
 DEFAULT_RESULTS = Path(os.environ.get("WHYBN_RESULTS", "results"))
@@ -42,7 +45,8 @@ def _check_device(device: str) -> None:
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise CLIError(
-                f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})"
+                f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}); "
+                "use --device cpu"
             )
         return
     raise CLIError(f"--device must be 'cpu' or 'cuda[:N]', got {device!r}")
@@ -83,6 +87,34 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _executor_spec(args: argparse.Namespace) -> ExecutorSpec:
+    """The executor the CLI flags (and ``--slurm-config``) describe; a bad value is a CLIError."""
+    extra = {}
+    for item in getattr(args, "slurm", None) or []:
+        if "=" not in item:
+            raise CLIError(f"--slurm expects KEY=VALUE (an sbatch option, e.g. account=abc), got {item!r}")
+        key, value = item.split("=", 1)
+        extra[key.strip().replace("-", "_")] = value.strip()
+    flags = dict(
+        kind=getattr(args, "executor", "local"),
+        workers=getattr(args, "workers", None),
+        partition=getattr(args, "partition", None),
+        time_min=getattr(args, "time", None),
+        gpus=getattr(args, "gpus", None),
+        cpus_per_task=getattr(args, "cpus_per_task", None),
+        mem_gb=getattr(args, "mem_gb", None),
+        array_parallelism=getattr(args, "array_parallelism", None),
+        slurm=extra or None,
+        wait=getattr(args, "wait", None),
+    )
+    try:
+        if getattr(args, "slurm_config", None):
+            return ExecutorSpec.from_toml(args.slurm_config, **flags)
+        return ExecutorSpec(**{k: v for k, v in flags.items() if v is not None})
+    except (ValueError, TypeError) as err:
+        raise CLIError(str(err)) from None
+
+
 def _run_one(
     study: Study, args: argparse.Namespace, sets: Sequence[str] = (), seeds: int | None = None
 ) -> int:
@@ -91,20 +123,80 @@ def _run_one(
     except (KeyError, ValueError, TypeError) as err:
         raise CLIError(err.args[0]) from None
     store = RunStore(args.results, study.name, args.preset)
-    ctx = RunContext(device=args.device, progress=sys.stderr.isatty())
-    report = run_sweep(study, config, store, ctx=ctx)
+    executor = _executor_spec(args)
+    ctx = RunContext(device=args.device, progress=sys.stderr.isatty() and executor.workers == 1)
+    try:
+        report = run_sweep(study, config, store, ctx=ctx, executor=executor)
+    except (ValueError, KeyError, FileNotFoundError) as err:  # the grid: unknown names, missing data
+        raise CLIError(err.args[0] if isinstance(err, KeyError) and err.args else str(err)) from None
+    except OSError as err:  # the results directory: read-only, full
+        raise CLIError(f"cannot write results: {err.strerror or err}") from None
+    if report.submitted:
+        print(
+            f"{study.name}: {len(report.submitted)} run(s) submitted to SLURM; follow them with "
+            f"`whybn status {study.name} --preset {args.preset} --results {args.results}`, then draw the "
+            f"figures with `whybn figures {study.name} --preset {args.preset} --results {args.results}`"
+        )
+        return 0
     print(
-        f"{study.name}: {len(report.ran)} run(s) done, {len(report.skipped)} already finished, "
+        f"{study.name}: {len(report.ran)} run(s) done ({len(report.diverged)} diverged), "
+        f"{len(report.skipped)} already finished, {len(report.busy)} running elsewhere, "
         f"{len(report.failed)} failed, in {report.seconds:.1f}s"
     )
-    paths = analyze_study(study, config, store)
+    try:
+        paths = analyze_study(study, config, store)
+    except FileNotFoundError as err:
+        if report.busy:  # every run is in another sweep's hands: nothing to draw yet
+            print(f"{study.name}: no finished runs yet to draw ({err})")
+            return 0 if report.ok else 1
+        raise CLIError(str(err)) from None
     print(f"{study.name}: figures and claims in {store.figures_dir} ({len(paths)} files)")
     return 0 if report.ok else 1
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    _check_device(args.device)
+    if args.executor != "slurm":  # on SLURM the device is the compute node's, checked there
+        _check_device(args.device)
     return _run_one(_study(args.study), args, args.set, args.seeds)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Counts of the runs of a study's last sweep by state, the failures with their reasons, the
+    runs in progress with their host and process."""
+    study = _study(args.study)
+    store = RunStore(args.results, study.name, args.preset)
+    if not store.base.is_dir():
+        raise CLIError(
+            f"no sweep of {study.name!r} under {store.base}; start one with `whybn run {study.name}`"
+        )
+    try:
+        states = sweep_status(study, _saved_config(study, store), store)
+    except (ValueError, FileNotFoundError) as err:
+        raise CLIError(str(err)) from None
+    total = sum(len(states[s]) for s in RUN_STATES)
+    print(f"{study.name} ({args.preset}, {store.base}): {total} run(s)")
+    print("  " + "  ".join(f"{state} {len(states[state])}" for state in RUN_STATES))
+    for run_id in states["failed"]:
+        failure = store.failure(run_id) or {}
+        print(f"  failed   {run_id}: {failure.get('reason', '?')}")
+    for run_id in states["running"]:
+        print(f"  running  {run_id}: {store.holder(run_id)}")
+    for run_id in states["diverged"]:
+        print(f"  diverged {run_id}")
+    probe_failures = {r: store.summary(r)["probe_failures"] for r in states["done"] + states["diverged"]}
+    if any(probe_failures.values()):
+        n_runs = sum(1 for n in probe_failures.values() if n)
+        print(
+            f"  {sum(probe_failures.values())} probe failure(s) in {n_runs} finished run(s) "
+            "(records with metric 'failed' and their reason)"
+        )
+    if states["other"]:
+        print(f"  ({len(states['other'])} other run(s) on disk from another config of this preset)")
+    jobs = store.base / "slurm" / "jobs.json"
+    if jobs.is_file():
+        ids = sorted({j.split("_")[0] for j in json.loads(jobs.read_text())["jobs"].values()})
+        print(f"  SLURM job array(s): {', '.join(ids)} (squeue -j {ids[0]})" if ids else "")
+    return 0
 
 
 def cmd_figures(args: argparse.Namespace) -> int:
@@ -147,7 +239,8 @@ def cmd_paper(args: argparse.Namespace) -> int:
 
 
 def cmd_all(args: argparse.Namespace) -> int:
-    _check_device(args.device)
+    if args.executor != "slurm":
+        _check_device(args.device)
     status = 0
     timings = {}
     for name in STUDY_NAMES:
@@ -156,6 +249,9 @@ def cmd_all(args: argparse.Namespace) -> int:
         timings[name] = time.perf_counter() - start
     for name, seconds in timings.items():
         print(f"{name:<24} {seconds:7.1f}s")
+    if args.paper and not _executor_spec(args).waits:
+        print("whybn all: runs submitted to SLURM; once they end: `whybn figures && whybn paper`")
+        return status
     if args.paper:
         args.build_dir, args.tex_only = None, shutil.which("latexmk") is None
         if args.tex_only:
@@ -168,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="whybn", description="Why does batch normalization work? Measure it."
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,run,figures,paper,all}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,run,status,figures,paper,all}")
 
     def common(p: argparse.ArgumentParser, *, device: bool = True) -> None:
         p.add_argument(
@@ -191,13 +287,49 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="studies, with the figures each regenerates")
     p.set_defaults(func=cmd_list)
 
+    def executors(p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("where runs execute")
+        g.add_argument(
+            "--executor",
+            choices=EXECUTORS,
+            default="local",
+            help="local: --workers processes here; slurm: a SLURM job array through submitit; "
+            "submitit-local: the SLURM code path on this machine",
+        )
+        g.add_argument("--workers", type=int, default=None, help="local processes (default 1: this one)")
+        g.add_argument("--partition", default=None, help="SLURM partition")
+        g.add_argument("--time", type=int, default=None, metavar="MIN", help="SLURM time limit per run (60)")
+        g.add_argument("--gpus", type=int, default=None, help="GPUs per run (default 1 with --device cuda)")
+        g.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per run (default --threads)")
+        g.add_argument("--mem-gb", type=float, default=None, help="memory per run")
+        g.add_argument("--array-parallelism", type=int, default=None, help="array tasks running at once (64)")
+        g.add_argument(
+            "--slurm",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="more sbatch options (account=...)",
+        )
+        g.add_argument("--slurm-config", type=Path, default=None, help="TOML file with the options above")
+        g.add_argument(
+            "--wait",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="wait for the SLURM jobs, then draw (default: submit and return)",
+        )
+
     p = sub.add_parser("run", help="run a study's grid (finished runs are skipped), then draw its figures")
     p.add_argument("study", help="study name (see `whybn list`)")
     common(p)
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (overrides the preset)")
-    p.add_argument("--executor", choices=["local"], default="local", help="where runs execute")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    executors(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="done / running / failed / diverged runs of a study's sweep")
+    p.add_argument("study", help="study name (see `whybn list`)")
+    common(p, device=False)
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("figures", help="re-draw figures and claims from existing results")
     p.add_argument("study", nargs="?", default=None)
@@ -222,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-paper", dest="paper", action="store_false", help="run the studies only, not `whybn paper`"
     )
+    executors(p)
     p.set_defaults(func=cmd_all)
     return parser
 

@@ -43,9 +43,9 @@ def test_list(toy_registry, capsys):
 def test_run_then_skip_then_figures(toy_registry, tmp_path, capsys):
     args = ["run", "toy", "--results", str(tmp_path), "--set", "scale=2", "--seeds", "1"]
     assert cli.main(args) == 0
-    assert "2 run(s) done, 0 already finished" in capsys.readouterr().out
+    assert "2 run(s) done (0 diverged), 0 already finished" in capsys.readouterr().out
     assert cli.main(args) == 0
-    assert "0 run(s) done, 2 already finished" in capsys.readouterr().out
+    assert "0 run(s) done (0 diverged), 2 already finished" in capsys.readouterr().out
     saved = json.loads((tmp_path / "toy/quick/sweep.json").read_text())
     assert saved["config"]["scale"] == 2.0 and saved["config"]["seeds"] == 1
     assert (tmp_path / "toy/quick/figures/toy.png").exists()

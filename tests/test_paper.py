@@ -42,7 +42,7 @@ class Config:
 
 def grid(config: Config) -> list[dict]:
     return [
-        {"arch": "mlp", "norm": n, "dataset": "toy", "seed": s, "lr": config.lr}
+        {"arch": "mlp", "norm": n, "dataset": "gaussian", "seed": s, "lr": config.lr}
         for n in config.norms
         for s in range(config.seeds)
         if (n, s) in ACCURACY

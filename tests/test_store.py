@@ -33,7 +33,7 @@ class ToyConfig:
 
 def toy_grid(config: ToyConfig) -> list[dict]:
     return [
-        {"arch": "mlp", "norm": n, "dataset": "toy", "seed": s, "scale": config.scale}
+        {"arch": "mlp", "norm": n, "dataset": "gaussian", "seed": s, "scale": config.scale}
         for n in config.norms
         for s in range(config.seeds)
     ]

@@ -57,6 +57,7 @@ __all__ = [
     "ClassificationDataset",
     "DatasetInfo",
     "cache_dir",
+    "check_dataset_available",
     "clear_memory_cache",
     "dataset_info",
     "dataset_options",
@@ -692,6 +693,50 @@ def _loader(name: str) -> Callable[..., Splits]:
         return DATASETS[name]
     except (KeyError, TypeError):
         raise KeyError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}") from None
+
+
+def _check_fashion_mnist_files(root: str | os.PathLike[str] | None = None) -> None:
+    directory, source = _resolve_root(root, FASHION_MNIST_ENV, FASHION_MNIST_DEFAULT_DIR)
+    assert directory is not None
+    missing = [n for n in FASHION_MNIST_FILES.values() if _fashion_mnist_file(directory, n) is None]
+    if missing:
+        raise _fashion_mnist_missing(directory, missing, source)
+
+
+def _check_cifar10_files(root: str | os.PathLike[str] | None = None) -> None:
+    directory, source = _resolve_root(root, CIFAR10_ENV, None)
+    if directory is None:
+        raise _cifar10_missing(None, source, "no directory given")
+    if _cifar10_dir(directory) is None:
+        raise _cifar10_missing(
+            directory, source, f"neither it nor {CIFAR10_SUBDIR}/ in it holds data_batch_1..5 and test_batch"
+        )
+
+
+#: The datasets read from local files, and the check that those files are there (without reading them).
+_FILE_CHECKS: dict[str, Callable[..., None]] = {
+    "fashion_mnist": _check_fashion_mnist_files,
+    "cifar10": _check_cifar10_files,
+}
+
+
+def check_dataset_available(name: str, **options: Any) -> None:
+    """Raise the ``FileNotFoundError`` that ``load_dataset(name, **options)`` would raise for missing
+    files, without reading any file: the same directory resolution (option ``root`` >
+    ``$WHYBN_FASHION_MNIST_DIR`` / ``$WHYBN_CIFAR10_DIR`` > default) and the same message.
+
+    Datasets that are generated or bundled (``mnist1d``, ``digits``, ``gaussian``) are always available.
+    Only ``root`` is read from ``options``; the others do not decide whether the files are there. An
+    unknown ``name`` raises ``KeyError`` listing the known datasets, as :func:`load_dataset` does.
+
+    >>> check_dataset_available("mnist1d")  # generated: always there
+    >>> check_dataset_available("cifar10", root="/nonexistent")  # doctest: +SKIP
+    FileNotFoundError: CIFAR-10 not found: looked /nonexistent (option root); neither it nor ...
+    """
+    _loader(name)
+    check = _FILE_CHECKS.get(name)
+    if check is not None:
+        check(options.get("root"))
 
 
 def run_data_options(config: Mapping[str, Any]) -> dict[str, Any]:

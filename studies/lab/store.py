@@ -5,17 +5,28 @@ Layout (DESIGN.md, binding)::
     <results>/<study>/<preset>/runs/<run_id>/config.json    the run's full configuration
                                              env.json       versions, device, git commit, seed, host, time
                                              records.jsonl  one tidy row per measurement
-                                             DONE           written last
+                                             DONE           written last (JSON: time, records, diverged)
+                                             FAILED         instead of DONE when the run raised (reason)
+    <results>/<study>/<preset>/runs/.locks/<run_id>.lock     held while a process runs the run
+    <results>/<study>/<preset>/sweep.json                   the config of the last sweep (for figures)
     <results>/<study>/<preset>/figures/                     PDF + PNG figures, claims.json
 
 Every file is written atomically (temporary file in the same directory, fsync, ``os.replace``), and
 ``DONE`` only after the others, so a run directory is either finished or is redone from scratch: a
 run killed at any point leaves no ``DONE`` and is wiped and rerun by the next sweep; a finished run is
 skipped.
+
+A process runs a run only while it holds the run's lock (``fcntl.flock`` on ``runs/.locks/<id>.lock``,
+released by the kernel when the process dies, SIGKILL included), and it checks ``DONE`` again after
+taking it: two sweeps on the same results directory, on one machine or on SLURM nodes sharing the
+file system (Linux NFS clients map ``flock`` to NFS byte-range locks), split the runs between them and
+never run one twice.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -52,9 +63,18 @@ RECORD_FIELDS = (
 RUN_FIELDS = ("run_id", "study", "arch", "norm", "dataset", "seed")
 
 DONE = "DONE"
+FAILED = "FAILED"
+LOCKS = ".locks"
 CONFIG = "config.json"
 ENV = "env.json"
 RECORDS = "records.jsonl"
+
+#: The states of a run (``RunStore.state``), in the order ``whybn status`` lists them.
+RUN_STATES = ("done", "diverged", "running", "failed", "interrupted", "pending")
+
+#: Room a sweep needs on the results file system at least, whatever its size (config, env, records,
+#: figures, and the temporary copies of atomic writes).
+MIN_FREE_BYTES = 64 * 2**20
 
 
 def _fsync_dir(path: Path) -> None:
@@ -265,14 +285,133 @@ class RunStore:
         return [i for i in ids if self.is_done(i) == done]
 
     def check_writable(self) -> None:
-        """Fail before any training if results cannot be written here (read-only, missing permissions)."""
-        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        """Fail before any training if results cannot be written here (read-only, missing permissions,
+        a file in the way): the error names the directory and the reason."""
         try:
+            self.runs_dir.mkdir(parents=True, exist_ok=True)
             fd, probe = tempfile.mkstemp(dir=self.runs_dir, prefix=".tmp-write-check-")
-            os.close(fd)
-            os.unlink(probe)
+            try:
+                os.write(fd, b"whybn")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(probe)
         except OSError as err:
-            raise OSError(f"results directory {self.runs_dir} is not writable: {err}") from err
+            raise OSError(
+                err.errno, f"results directory {self.base} is not writable ({err.strerror or err})"
+            ) from err
+
+    def check_free_space(self, n_runs: int) -> None:
+        """Fail before any training if the results file system cannot hold ``n_runs`` more runs.
+
+        The estimate is twice the mean size of this study's finished runs (1 MiB when none has finished)
+        per run, and never less than ``MIN_FREE_BYTES``.
+        """
+        sizes = [
+            sum(f.stat().st_size for f in self.run_dir(run_id).iterdir() if f.is_file())
+            for run_id in self.run_ids(done=True)[:50]
+        ]
+        per_run = max(sum(sizes) / len(sizes), 2**20) if sizes else 2**20
+        need = max(MIN_FREE_BYTES, int(2 * per_run * n_runs))
+        free = shutil.disk_usage(self.runs_dir if self.runs_dir.is_dir() else self.root).free
+        if free < need:
+            raise OSError(
+                errno.ENOSPC,
+                f"results directory {self.base} has {free / 2**20:.1f} MiB free; {n_runs} run(s) need about "
+                f"{need / 2**20:.1f} MiB (free space or pass another --results directory)",
+            )
+
+    # ------------------------------------------------------------------------------------ locks
+
+    def lock_path(self, run_id: str) -> Path:
+        return self.runs_dir / LOCKS / f"{self.run_dir(run_id).name}.lock"
+
+    @contextmanager
+    def claim(self, run_id: str) -> Iterator[bool]:
+        """Hold the run's lock for the block: yields ``True``, or ``False`` (without waiting) when another
+        process holds it. The lock file records who holds it (host, pid, time)."""
+        path = self.lock_path(run_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            holder = (
+                f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n"
+            )
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, holder.encode(), 0)
+            try:
+                yield True
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def holder(self, run_id: str) -> str | None:
+        """Who runs ``run_id`` now (host, pid, since), or None when no process holds its lock."""
+        path = self.lock_path(run_id)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # fails only while someone holds it exclusively
+        except BlockingIOError:
+            return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------------------------------ states
+
+    def fail(self, run_id: str, reason: str, details: str = "") -> None:
+        """Mark a begun run as failed: ``FAILED`` holds the reason (and e.g. a traceback); no ``DONE``,
+        so the next sweep retries it."""
+        write_json(
+            self.run_dir(run_id) / FAILED,
+            {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "reason": reason, "details": details},
+        )
+
+    def failure(self, run_id: str) -> dict[str, Any] | None:
+        """The ``FAILED`` record of an unfinished run, or None."""
+        path = self.run_dir(run_id) / FAILED
+        if self.is_done(run_id) or not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {"reason": "FAILED marker unreadable"}
+
+    def summary(self, run_id: str) -> dict[str, Any]:
+        """What ``DONE`` says about a finished run: ``records``, ``diverged``, ``probe_failures``.
+
+        Runs finished before ``DONE`` carried this (a timestamp only) are summarized from their records.
+        """
+        path = self.run_dir(run_id) / DONE
+        try:
+            info = json.loads(path.read_text())
+            if isinstance(info, dict) and "diverged" in info:
+                return info
+        except ValueError:
+            pass
+        return _summarize_rows(read_records(self.run_dir(run_id) / RECORDS))
+
+    def state(self, run_id: str) -> str:
+        """One of ``RUN_STATES``: finished (``done`` or ``diverged``), ``running`` (its lock is held),
+        ``failed`` (raised; retried by the next sweep), ``interrupted`` (begun, then killed), ``pending``."""
+        if self.is_done(run_id):
+            return "diverged" if self.summary(run_id).get("diverged") else "done"
+        if self.holder(run_id) is not None:
+            return "running"
+        if not self.run_dir(run_id).is_dir():
+            return "pending"
+        return "failed" if (self.run_dir(run_id) / FAILED).is_file() else "interrupted"
 
     def begin(self, run_id: str, config: Mapping[str, Any], env: Mapping[str, Any]) -> Path:
         """Start (or restart) a run: wipe any unfinished attempt, write config.json and env.json."""
@@ -304,8 +443,10 @@ class RunStore:
             ordered.update(out)
             return ordered
 
-        n = write_records(run_dir / RECORDS, (tidy(r) for r in rows))
-        write_atomic(run_dir / DONE, time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
+        tidied = [tidy(r) for r in rows]
+        n = write_records(run_dir / RECORDS, tidied)
+        (run_dir / FAILED).unlink(missing_ok=True)
+        write_json(run_dir / DONE, {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **_summarize_rows(tidied)})
         return n
 
     def load(self, run_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -315,6 +456,17 @@ class RunStore:
             raise FileNotFoundError(f"run {run_id} is not finished (no {run_dir / DONE})")
         config = json.loads((run_dir / CONFIG).read_text())
         return config, read_records(run_dir / RECORDS)
+
+
+def _summarize_rows(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Counts ``whybn status`` shows: records, whether training diverged, probe failures."""
+    n = diverged = failures = 0
+    for row in rows:
+        n += 1
+        metric = row.get("metric")
+        diverged |= metric == "diverged" and row.get("value") == 1.0
+        failures += metric == "failed"
+    return {"records": n, "diverged": bool(diverged), "probe_failures": failures}
 
 
 def is_finite_number(value: Any) -> bool:

@@ -1,41 +1,66 @@
-"""Grids of runs: execute every run of a study that is not finished yet, then analyze.
+"""Grids of runs: execute every run of a study that is not finished yet, here or on a cluster, then analyze.
 
-The local executor runs the grid in this process, one run after another. A run that raises is
-reported and left unfinished (no ``DONE``), so the next sweep redoes it; the others go on.
+A study's grid (arch × norm × seed × learning rate …) becomes runs (:func:`plan_runs`), each with a stable
+id and its own directory. :func:`run_sweep` executes the unfinished ones with an :class:`ExecutorSpec`:
+
+``local``           ``workers`` processes on this machine (1: in this process, one run after another)
+``slurm``           a SLURM job array through ``submitit``, one array task per run (partition, time,
+                    GPUs, CPUs, memory and array parallelism from the CLI or a TOML file)
+``submitit-local``  the same submitit code path, with submitit's local executor (no cluster needed:
+                    what the tests drive)
+
+Wherever it runs, a run goes through :func:`execute_run`: take the run's lock, check ``DONE`` again,
+write ``config.json``/``env.json``, train and probe, write ``records.jsonl`` and ``DONE`` last. A run that
+raises is marked ``FAILED`` with its reason and the sweep goes on; a run whose loss goes NaN/inf is a
+finished run that *diverged* (the training loop records it); a run another sweep holds is left to it.
+Nothing is written before the grid is valid and the results directory is writable with room to spare.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import multiprocessing
 import time
+import tomllib
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from studies.lab.store import RunStore, environment, make_run_id, write_json
+import cloudpickle
+
+from studies.lab.store import RUN_STATES, RunStore, environment, make_run_id, write_json
 from studies.lab.study import RunContext, Study
 
-__all__ = ["SweepReport", "analyze_study", "plan_runs", "run_sweep"]
+__all__ = [
+    "EXECUTORS",
+    "ExecutorSpec",
+    "RunOutcome",
+    "RunTask",
+    "SweepReport",
+    "analyze_study",
+    "execute_run",
+    "plan_runs",
+    "run_sweep",
+    "sweep_status",
+]
+
+#: Where runs execute (``whybn run --executor``).
+EXECUTORS = ("local", "slurm", "submitit-local")
 
 
-@dataclass
-class SweepReport:
-    """What one sweep did."""
-
-    ran: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
+# ---------------------------------------------------------------------------------------------- planning
 
 
 def plan_runs(study: Study, config: Any) -> list[tuple[str, dict[str, Any]]]:
-    """``(run_id, run_config)`` for every run of the grid; ids are unique and stable."""
+    """``(run_id, run_config)`` for every run of the grid; ids are unique and stable.
+
+    Every run config is validated (known arch, norm and dataset, data present) before anything runs.
+    """
+    from studies.lab.validate import validate_runs
+
     planned = []
     seen: dict[str, dict[str, Any]] = {}
     for run_config in study.grid(config):
@@ -45,7 +70,225 @@ def plan_runs(study: Study, config: Any) -> list[tuple[str, dict[str, Any]]]:
             raise ValueError(f"study {study.name!r}: two runs of the grid share the config of {run_id}")
         seen[run_id] = run_config
         planned.append((run_id, run_config))
+    validate_runs(study, planned)
     return planned
+
+
+# ------------------------------------------------------------------------------------------- one run
+
+
+@dataclass(frozen=True)
+class RunTask:
+    """Everything a process needs to execute one run (pickled to worker processes and SLURM jobs)."""
+
+    study: Study
+    results: str
+    preset: str
+    run_id: str
+    config: Mapping[str, Any]
+    ctx: RunContext = field(default_factory=RunContext)
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What became of one run: ``done``, ``diverged`` (finished; training diverged), ``failed`` (raised;
+    ``reason``), ``skipped`` (already finished) or ``busy`` (another process holds it)."""
+
+    run_id: str
+    status: str
+    seconds: float = 0.0
+    records: int = 0
+    reason: str = ""
+
+
+def execute_run(task: RunTask) -> RunOutcome:
+    """Execute one run under its lock; never raises for a failure of the run itself (it is recorded).
+
+    Errors writing the results (disk full, read-only) do raise: every later run would fail the same way.
+    """
+    if task.threads is not None:
+        import torch
+
+        torch.set_num_threads(task.threads)
+    store = RunStore(Path(task.results), task.study.name, task.preset)
+    with store.claim(task.run_id) as mine:
+        if not mine:
+            return RunOutcome(task.run_id, "busy", reason=store.holder(task.run_id) or "")
+        if store.is_done(task.run_id):  # finished by another sweep since this one planned it
+            return RunOutcome(task.run_id, "skipped")
+        start = time.perf_counter()
+        config = dict(task.config)
+        store.begin(task.run_id, config, environment(seed=config.get("seed"), device=task.ctx.device))
+        try:
+            rows = task.study.run(config, task.ctx)
+        except Exception as err:  # a broken run must not take the sweep down: FAILED, retried next time
+            reason = f"{type(err).__name__}: {err}"
+            store.fail(task.run_id, reason, traceback.format_exc(limit=8))
+            return RunOutcome(task.run_id, "failed", time.perf_counter() - start, reason=reason)
+        n = store.finish(task.run_id, config, rows)
+        status = "diverged" if store.summary(task.run_id)["diverged"] else "done"
+        return RunOutcome(task.run_id, status, time.perf_counter() - start, n)
+
+
+def _execute_pickled(blob: bytes) -> RunOutcome:
+    """``execute_run`` on a cloudpickled task (a study defined in a test or a notebook pickles too)."""
+    return execute_run(cloudpickle.loads(blob))
+
+
+# ------------------------------------------------------------------------------------------ executors
+
+
+def _positive(name: str, value: Any, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{name}: expected a positive number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ExecutorSpec:
+    """Where a sweep's runs execute.
+
+    ``kind``: one of ``EXECUTORS``. ``workers``: processes of the local executor (1 runs in this process).
+    SLURM (``slurm`` and ``submitit-local``): ``partition``; ``time_min`` per run; ``gpus`` per run
+    (default: 1 when the device is CUDA, else 0); ``cpus_per_task`` (default: the torch threads);
+    ``mem_gb``; ``array_parallelism`` (array tasks running at once); ``slurm``: further ``sbatch``
+    options, e.g. ``{"account": "abc", "qos": "high"}`` (submitit's ``slurm_<key>``); ``folder``: where
+    submitit keeps its pickles and logs (default ``<results>/<study>/<preset>/slurm``); ``wait``: block
+    until the jobs end and analyze (default: False on SLURM, True for ``submitit-local``).
+    """
+
+    kind: str = "local"
+    workers: int = 1
+    partition: str | None = None
+    time_min: int = 60
+    gpus: int | None = None
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
+    array_parallelism: int = 64
+    slurm: Mapping[str, Any] = field(default_factory=dict)
+    folder: str | None = None
+    wait: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in EXECUTORS:
+            raise ValueError(f"--executor: expected one of {', '.join(EXECUTORS)}, got {self.kind!r}")
+        for name in ("workers", "time_min", "array_parallelism"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {value!r}")
+        if self.gpus is not None and (
+            isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or self.gpus < 0
+        ):
+            raise ValueError(f"--gpus: expected an integer >= 0, got {self.gpus!r}")
+        _positive("--cpus-per-task", self.cpus_per_task, allow_none=True)
+        _positive("--mem-gb", self.mem_gb, allow_none=True)
+        if self.workers > 1 and self.kind != "local":
+            raise ValueError(f"--workers applies to --executor local; {self.kind} uses --array-parallelism")
+
+    @property
+    def waits(self) -> bool:
+        return self.wait if self.wait is not None else self.kind != "slurm"
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: Any) -> ExecutorSpec:
+        """A spec from a TOML file (``[slurm]`` table or top-level keys named like the fields, e.g.
+        ``partition = "gpu"``, ``time_min = 120``, ``[slurm.slurm] account = "abc"``); ``overrides``
+        that are not None win (the CLI's flags)."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"--slurm-config: no such file {path}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"--slurm-config: {path} is not valid TOML ({err})") from None
+        data = data.get("slurm", data)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(
+                f"--slurm-config: {path}: unknown key(s) {', '.join(unknown)}; "
+                f"keys: {', '.join(sorted(fields))}"
+            )
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)
+
+
+def _submitit_executor(spec: ExecutorSpec, store: RunStore, ctx: RunContext, threads: int | None) -> Any:
+    import shutil
+
+    import submitit
+
+    folder = Path(spec.folder) if spec.folder else store.base / "slurm"
+    cluster = "local" if spec.kind == "submitit-local" else "slurm"
+    if cluster == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
+        raise ValueError(
+            "--executor slurm: sbatch/srun not found on this machine; submit from a SLURM login node, or "
+            "try the same code path here with --executor submitit-local"
+        )
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster)
+    gpus = spec.gpus if spec.gpus is not None else int(ctx.device.startswith("cuda"))
+    params: dict[str, Any] = {
+        "name": f"whybn-{store.study}",
+        "timeout_min": spec.time_min,
+        "cpus_per_task": spec.cpus_per_task or threads or 1,
+        "nodes": 1,
+        "tasks_per_node": 1,
+        "slurm_array_parallelism": spec.array_parallelism,
+    }
+    if gpus:
+        params["gpus_per_node"] = gpus
+    if spec.mem_gb is not None:
+        params["mem_gb"] = spec.mem_gb
+    if spec.partition:
+        params["slurm_partition"] = spec.partition
+    params.update({f"slurm_{k}" if not k.startswith("slurm_") else k: v for k, v in spec.slurm.items()})
+    executor.update_parameters(**params)
+    return executor
+
+
+# --------------------------------------------------------------------------------------------- sweeps
+
+
+@dataclass
+class SweepReport:
+    """What one sweep did (for a SLURM sweep that does not wait: what it submitted)."""
+
+    ran: list[str] = field(default_factory=list)
+    diverged: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    busy: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    submitted: dict[str, str] = field(default_factory=dict)  # run_id -> SLURM job id (no waiting)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def add(self, outcome: RunOutcome) -> None:
+        if outcome.status in ("done", "diverged"):
+            self.ran.append(outcome.run_id)
+            if outcome.status == "diverged":
+                self.diverged.append(outcome.run_id)
+        elif outcome.status == "skipped":
+            self.skipped.append(outcome.run_id)
+        elif outcome.status == "busy":
+            self.busy.append(outcome.run_id)
+        else:
+            self.failed[outcome.run_id] = outcome.reason
+
+
+def _describe(outcome: RunOutcome) -> str:
+    if outcome.status in ("done", "diverged"):
+        extra = ", DIVERGED" if outcome.status == "diverged" else ""
+        return f"{outcome.records} records in {outcome.seconds:.1f}s{extra}"
+    if outcome.status == "failed":
+        return f"FAILED: {outcome.reason}"
+    if outcome.status == "busy":
+        return f"running elsewhere ({outcome.reason})" if outcome.reason else "running elsewhere"
+    return "finished by another sweep"
 
 
 def run_sweep(
@@ -54,36 +297,130 @@ def run_sweep(
     store: RunStore,
     *,
     ctx: RunContext | None = None,
+    executor: ExecutorSpec | None = None,
+    threads: int | None = None,
     log: Callable[[str], None] = print,
 ) -> SweepReport:
-    """Run every unfinished run of ``study`` at ``config`` into ``store``; finished runs are skipped."""
+    """Run every unfinished run of ``study`` at ``config`` into ``store``; finished runs are skipped.
+
+    ``threads``: torch threads of each worker process or SLURM task (default: this process's).
+    Raises ``ValueError`` for an invalid grid and ``OSError`` for an unwritable or full results
+    directory, before any run starts.
+    """
+    import torch
+
     ctx = ctx or RunContext()
+    executor = executor or ExecutorSpec()
+    threads = threads or torch.get_num_threads()
     start = time.perf_counter()
+    planned = plan_runs(study, config)
     store.check_writable()
     report = SweepReport()
-    planned = plan_runs(study, config)
-    for i, (run_id, run_config) in enumerate(planned, start=1):
+    todo = []
+    for run_id, run_config in planned:
         if store.is_done(run_id):
             report.skipped.append(run_id)
-            continue
-        log(f"[{study.name} {i}/{len(planned)}] {run_id}")
-        run_start = time.perf_counter()
-        store.begin(run_id, run_config, environment(seed=run_config.get("seed"), device=ctx.device))
-        try:
-            rows = study.run(run_config, ctx)
-        except Exception as err:  # a broken run must not take the sweep down; it stays unfinished
-            report.failed[run_id] = f"{type(err).__name__}: {err}"
-            log(f"  FAILED {run_id}: {type(err).__name__}: {err}")
-            log(traceback.format_exc(limit=4))
-            continue
-        n = store.finish(run_id, run_config, rows)
-        report.ran.append(run_id)
-        log(f"  {n} records in {time.perf_counter() - run_start:.1f}s")
+        else:
+            todo.append(RunTask(study, str(store.root), store.preset, run_id, run_config, ctx, threads))
+    if todo:
+        store.check_free_space(len(todo))
+    submitter = (
+        _submitit_executor(executor, store, ctx, threads) if todo and executor.kind != "local" else None
+    )
     write_json(
         store.base / "sweep.json", {"config": dataclasses.asdict(config), "runs": [r for r, _ in planned]}
     )
+    position = {run_id: i for i, (run_id, _) in enumerate(planned, start=1)}
+
+    serial = executor.kind == "local" and executor.workers == 1
+
+    def record(outcome: RunOutcome) -> None:
+        report.add(outcome)
+        if serial:  # the run's id was logged when it started
+            log(f"  {_describe(outcome)}")
+        else:
+            where = f"[{study.name} {position[outcome.run_id]}/{len(planned)}] {outcome.run_id}"
+            log(f"{where}: {_describe(outcome)}")
+
+    if not todo:
+        pass
+    elif serial:
+        for task in todo:
+            log(f"[{study.name} {position[task.run_id]}/{len(planned)}] {task.run_id}")
+            record(execute_run(task))
+    elif executor.kind == "local":
+        _run_in_processes(todo, executor.workers, record)
+    else:
+        _run_on_submitit(todo, executor, submitter, store, report, record, log)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _run_in_processes(tasks: list[RunTask], workers: int, record: Callable[[RunOutcome], None]) -> None:
+    """Tasks in ``workers`` fresh (spawned) processes; a worker that dies fails only its own runs."""
+    context = multiprocessing.get_context("spawn")  # no fork of a process whose OpenMP threads are up
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=min(workers, len(tasks)), mp_context=context
+    ) as pool:
+        futures = {pool.submit(_execute_pickled, cloudpickle.dumps(task)): task for task in tasks}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                task = futures[future]
+                try:
+                    record(future.result())
+                except concurrent.futures.process.BrokenProcessPool as err:
+                    record(RunOutcome(task.run_id, "failed", reason=f"worker process died ({err})"))
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _run_on_submitit(
+    tasks: list[RunTask],
+    spec: ExecutorSpec,
+    executor: Any,
+    store: RunStore,
+    report: SweepReport,
+    record: Callable[[RunOutcome], None],
+    log: Callable[[str], None],
+) -> None:
+    """One job-array task per run; with ``spec.waits``, block until each ends and record its outcome."""
+    jobs = executor.map_array(execute_run, tasks)
+    job_ids = {task.run_id: str(job.job_id) for task, job in zip(tasks, jobs, strict=True)}
+    write_json(store.base / "slurm" / "jobs.json", {"executor": spec.kind, "jobs": job_ids})
+    array = str(jobs[0].job_id).split("_")[0] if jobs else ""
+    log(
+        f"{store.study}: submitted {len(jobs)} run(s) ({spec.kind}, job array {array}); "
+        f"logs in {executor.folder}"
+    )
+    if not spec.waits:
+        report.submitted = job_ids
+        return
+    for task, job in zip(tasks, jobs, strict=True):
+        try:
+            record(job.result())
+        except Exception as err:  # the job itself died: timeout, node failure, out of memory
+            last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            reason = f"job {job.job_id} failed: {last}"
+            if store.run_dir(task.run_id).is_dir() and not store.is_done(task.run_id):
+                store.fail(task.run_id, reason, str(err)[-4000:])
+            record(RunOutcome(task.run_id, "failed", reason=reason))
+
+
+# --------------------------------------------------------------------------------------------- status
+
+
+def sweep_status(study: Study, config: Any, store: RunStore) -> dict[str, list[str]]:
+    """Each run of the grid by state (``RUN_STATES``), plus ``other``: runs on disk not in this grid."""
+    states: dict[str, list[str]] = {state: [] for state in (*RUN_STATES, "other")}
+    planned = [run_id for run_id, _ in plan_runs(study, config)]
+    for run_id in planned:
+        states[store.state(run_id)].append(run_id)
+    states["other"] = sorted(set(store.run_ids()) - set(planned))
+    return states
+
+
+# ------------------------------------------------------------------------------------------- analysis
 
 
 def analyze_study(study: Study, config: Any, store: RunStore) -> list[Path]:
