@@ -126,7 +126,8 @@ def spectrum_stats(
     λ = eigvalsh(sym(M)) clipped at 0; κ = λ_max/λ_min (inf if λ_min ≤ τ = λ_max·d·ε);
     effective rank (Σλ)²/Σλ²; stable rank Σλ/λ_max; whiteness ‖M/mean(diag M) − I‖_F.
     """
-    m = torch.as_tensor(matrix).detach().to(torch.float64)
+    # d × d is small: its spectrum is computed on the CPU, whatever device the matrix comes from
+    m = torch.as_tensor(matrix).detach().to(device="cpu", dtype=torch.float64)
     if m.dim() != 2 or m.shape[0] != m.shape[1] or m.shape[0] == 0:
         raise ValueError(f"matrix: expected a non-empty square matrix, got {tuple(m.shape)}")
     m = (m + m.T) / 2
@@ -293,7 +294,7 @@ class RankCollapse:
 
 def _rank_measures(h: Tensor, layer: str) -> RankCollapse:
     n, d = h.shape
-    s = torch.linalg.svdvals(h).numpy()
+    s = torch.linalg.svdvals(h).cpu().numpy()
     s1 = float(s[0]) if s.size else 0.0
     s2 = s**2
     if s1 == 0.0:
@@ -483,10 +484,12 @@ def normalization_disturbance(
         raise ValueError(f"method must be one of {WHITENING_METHODS}, got {method!r}")
     g = 1 if method == "bn" else _group_size(d, group_size)
     gen = torch.Generator().manual_seed(seed)
-    outputs = torch.full((n_batches, n, d), float("nan"), dtype=torch.float64)
+    outputs = torch.full((n_batches, n, d), float("nan"), dtype=torch.float64, device=x.device)
     per_round = n // batch_size
     for r in range(n_batches):
+        # drawn on the CPU (own generator), so a seed gives the same batches on every device
         perm = torch.randperm(n, generator=gen)[: per_round * batch_size].view(per_round, batch_size)
+        perm = perm.to(x.device)
         for idx in perm:
             idx = idx.sort().values  # the same batch always gives bit-identical outputs
             outputs[r, idx] = whitening_transform(
@@ -498,11 +501,11 @@ def normalization_disturbance(
     if not bool(keep.any()):
         raise ValueError("n_batches: too few rounds for any sample to be drawn twice")
     # E_B φ_B(x) as the first draw plus the mean offset from it: exact when all draws agree
-    first = outputs[seen.to(torch.int8).argmax(0), torch.arange(n)]  # (N, d)
-    offsets = torch.where(seen[..., None], outputs - first, torch.zeros(()))  # (rounds, N, d)
+    first = outputs[seen.to(torch.int8).argmax(0), torch.arange(n, device=x.device)]  # (N, d)
+    offsets = torch.where(seen[..., None], outputs - first, 0.0)  # (rounds, N, d)
     centre = offsets.sum(0) / counts.clamp_min(1)[:, None]  # (N, d)
-    dist = torch.where(seen, (offsets - centre).norm(dim=-1), torch.zeros(()))  # (rounds, N)
-    per_sample = (dist.sum(0) / counts.clamp_min(1))[keep].numpy()
+    dist = torch.where(seen, (offsets - centre).norm(dim=-1), 0.0)  # (rounds, N)
+    per_sample = (dist.sum(0) / counts.clamp_min(1))[keep].cpu().numpy()
     return DisturbanceResult(
         mean=float(per_sample.mean()),
         std=float(per_sample.std()),
@@ -657,8 +660,8 @@ def kfac_factor_conditioning(
         g_mat = g_sums[name] / rows[name]
         result[name] = KFACFactors(
             layer=name,
-            A=a_mat.numpy(),
-            G=g_mat.numpy(),
+            A=a_mat.cpu().numpy(),
+            G=g_mat.cpu().numpy(),
             a_stats=spectrum_stats(a_mat, n_samples=rows[name], layer=name, probe="kfac_A"),
             g_stats=spectrum_stats(g_mat, n_samples=rows[name], layer=name, probe="kfac_G"),
         )
@@ -723,7 +726,7 @@ def least_squares_conditioning(X: Tensor | np.ndarray) -> dict[str, CovarianceSt
     Standardization makes diag H = 1, which cures a diagonal scaling (κ → ~1) but not correlation
     (κ(H) = κ(correlation matrix)); whitening gives H = I (κ = 1) for any full-rank X.
     """
-    x = _as_matrix(X).numpy()
+    x = _as_matrix(X).cpu().numpy()
     variants = {
         "raw": x,
         "standardized": _standardize(x),
@@ -762,8 +765,8 @@ def gd_iterations_to_tolerance(
     The error along eigenvector i contracts by (1 − λᵢ/λ_max) per step, so the count is
     ≈ (κ/2)·ln(1/tol) with κ = λ_max/λ_min of H = XᵀX/N (Nesterov 2004, Thm. 2.1.15).
     """
-    x = _as_matrix(X).numpy()
-    y = np.asarray(torch.as_tensor(y).detach().to(torch.float64)).reshape(-1)
+    x = _as_matrix(X).cpu().numpy()
+    y = torch.as_tensor(y).detach().to(device="cpu", dtype=torch.float64).numpy().reshape(-1)
     if y.shape[0] != x.shape[0]:
         raise ValueError(f"y: expected {x.shape[0]} targets, got {y.shape[0]}")
     if not 0 < tol < 1:

@@ -45,6 +45,9 @@ BN_MODES = ("batch", "running")
 
 
 def _rng_state() -> dict[str, Any]:
+    """The global RNG states: torch's CPU generator, numpy's, Python's and, once CUDA is initialized
+    (a model or tensor on the GPU), every CUDA device's. Before that no CUDA generator has been used,
+    and reading its state would initialize CUDA, so it is not saved."""
     state = {
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state(),  # noqa: NPY002 - the global state is what a probe must not touch
@@ -101,6 +104,11 @@ class ModelState:
             diffs.append("rng: numpy")
         if self.rng["python"] != now.rng["python"]:
             diffs.append("rng: python")
+        if "cuda" in self.rng and (
+            len(self.rng["cuda"]) != len(now.rng.get("cuda", []))
+            or not all(torch.equal(a, b) for a, b in zip(self.rng["cuda"], now.rng["cuda"], strict=True))
+        ):
+            diffs.append("rng: cuda")
         return diffs
 
     def restore(self, model: nn.Module) -> None:
@@ -109,13 +117,16 @@ class ModelState:
             params = dict(model.named_parameters(remove_duplicate=False))
             for name, p in params.items():
                 p.copy_(self.parameters[name])
-                p.requires_grad_(self.requires_grad[name])
+                if p.requires_grad != self.requires_grad[name]:
+                    p.requires_grad_(self.requires_grad[name])
                 saved = self.grads[name]
-                p.grad = None if saved is None else saved.clone()
+                if saved is not None or p.grad is not None:
+                    p.grad = None if saved is None else saved.clone()
             for name, b in model.named_buffers(remove_duplicate=False):
                 b.copy_(self.buffers[name])
         for name, m in model.named_modules():
-            m.training = self.training[name]
+            if m.training != self.training[name]:  # Module.__setattr__ is slow: set only what changed
+                m.training = self.training[name]
         torch.set_rng_state(self.rng["torch"])
         np.random.set_state(self.rng["numpy"])  # noqa: NPY002
         random.setstate(self.rng["python"])
@@ -171,15 +182,17 @@ def norm_mode(model: nn.Module, bn: str = "batch") -> Iterator[nn.Module]:
     check_bn(bn)
     saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
     try:
-        for m in model.modules():
+        for m, training, _ in saved:
             batch = bn == "batch" and is_batch_dependent(m)
-            m.training = batch
+            if training != batch:  # Module.__setattr__ is slow: set only what changes
+                m.training = batch
             if batch:
                 m.track_running_stats = False
         yield model
     finally:
         for m, training, track in saved:
-            m.training = training
+            if m.training != training:
+                m.training = training
             if track is not None:
                 m.track_running_stats = track
 

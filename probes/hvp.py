@@ -22,18 +22,32 @@ from torch import Tensor, nn
 
 from probes.functional import FunctionalLoss, functional_loss, probe_guard
 
-__all__ = ["METHODS", "HessianOperator", "auto_method", "hessian_operator"]
+__all__ = ["AUTO_METHODS", "METHODS", "HessianOperator", "auto_method", "hessian_operator"]
 
 METHODS = ("auto", "double_backward", "forward_over_reverse")
 
+#: The method ``method="auto"`` takes per device type, and where each choice comes from:
+#:
+#: * ``"cpu"``: **measured** by ``benchmarks/hessian.py`` (2 threads; ``benchmarks/README.md``, and the
+#:   table in :func:`hessian_operator`): one HVP by double backward with the reused graph took 1.87×
+#:   (ResNet-20) and 1.34× (MLP-10) a gradient, by forward-over-reverse 3.32× and 4.65×
+#:   (forward-over-reverse also needed about twice the peak memory).
+#: * ``"cuda"``: **not measured**. Double backward is kept, as on CPU, until
+#:   ``benchmarks/hessian.py --device cuda`` has timed both methods on a GPU; record that measurement
+#:   here and in ``benchmarks/README.md`` before changing this entry.
+#:
+#: Any other device type falls back to double backward (the only measured choice).
+AUTO_METHODS: dict[str, str] = {"cpu": "double_backward", "cuda": "double_backward"}
+
 
 def auto_method(device: torch.device | str) -> str:
-    """The faster exact HVP method on ``device``'s type, as measured (see :func:`hessian_operator`).
+    """The HVP method ``method="auto"`` uses on ``device``'s type: :data:`AUTO_METHODS`.
 
-    CPU: double backward with one gradient graph reused for all HVPs of a batch. CUDA and others:
-    forward-over-reverse (unmeasured on GPU: the usual finding of the ``torch.func`` docs).
+    CPU: double backward, measured faster (one gradient graph reused for all HVPs of a batch).
+    CUDA: double backward too, *unmeasured on GPU* (run ``benchmarks/hessian.py --device cuda``).
+    Other device types: double backward.
     """
-    return "double_backward" if torch.device(device).type == "cpu" else "forward_over_reverse"
+    return AUTO_METHODS.get(torch.device(device).type, "double_backward")
 
 
 class HessianOperator:
@@ -215,7 +229,8 @@ def hessian_operator(
     ================================  ===================  ====================
 
     Double backward reuses the batch's gradient graph ("first": the first HVP, building it too).
-    GPU: unmeasured; ``auto`` takes forward-over-reverse there.
+    GPU: unmeasured (``benchmarks/hessian.py --device cuda`` measures both); until it is, ``auto``
+    takes double backward there too (:data:`AUTO_METHODS`).
 
     ``cache_graphs`` (default: only with a single batch) keeps each batch's gradient graph for all
     HVPs; without it each matvec rebuilds the graphs one batch at a time, so only one is held at once.

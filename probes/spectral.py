@@ -257,19 +257,26 @@ def _size(op: LinearOperatorLike) -> int:
     return int(shape[0])
 
 
-def _generator(device: torch.device, seed: int) -> torch.Generator:
-    # Own generator: never touches the global RNG (probes must leave it alone).
-    g = torch.Generator(device=device)
+def _generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed``: its own, so the global RNG is never touched (probes must
+    leave it alone). Random vectors are drawn on the CPU and then moved to ``op.device``: the same seed
+    gives the same start and probe vectors on every device (a CUDA generator's stream differs from the
+    CPU's), so CPU and CUDA measurements agree up to rounding."""
+    g = torch.Generator(device="cpu")
     g.manual_seed(int(seed))
     return g
 
 
 def _randn(n: int, b: int, g: torch.Generator, op: LinearOperatorLike) -> Tensor:
-    return torch.randn(n, b, generator=g, dtype=op.dtype, device=op.device)
+    """``(n, b)`` standard normal, drawn on the CPU from ``g``, in ``op.dtype`` on ``op.device``."""
+    return torch.randn(n, b, generator=g, dtype=op.dtype).to(op.device)
 
 
 def _rademacher(n: int, b: int, g: torch.Generator, op: LinearOperatorLike) -> Tensor:
-    bits = torch.randint(0, 2, (n, b), generator=g, device=op.device)
+    """``(n, b)`` random signs ±1, drawn on the CPU from ``g``, in ``op.dtype`` on ``op.device``.
+
+    The bits travel as int8 (one byte each: a block of probes for a large model is n × 64 of them)."""
+    bits = torch.randint(0, 2, (n, b), generator=g, dtype=torch.int8).to(op.device)
     return (2 * bits - 1).to(op.dtype)
 
 
@@ -416,7 +423,8 @@ def eigenvalues(
 
     ``max_matvecs`` (default ``max(2000, 200 k)``) caps the products; when it stops the iteration before
     every wanted value converged, ``converged`` is False and the best current estimates are returned.
-    The start vectors come from ``torch.Generator`` seeded with ``seed`` (the global RNG is untouched).
+    The start vectors come from a CPU ``torch.Generator`` seeded with ``seed`` (the global RNG is untouched;
+    the same seed gives the same start vectors on every device).
 
     Raises ``ValueError`` naming the argument for ``k`` outside ``1 ≤ k < n``, unknown ``which`` or
     ``method``, non-positive ``tol`` / ``max_matvecs`` / ``block_size``.
@@ -504,7 +512,7 @@ def _lanczos(
     every copy of a repeated eigenvalue of an exactly low-rank operator, e.g. all zeros for ``"SA"``)."""
     n = _size(op)
     A = _Counted(op)
-    g = _generator(op.device, seed)
+    g = _generator(seed)
     X = torch.zeros(n, 0, dtype=op.dtype, device=op.device)  # locked, exact eigenvectors
     locked = np.zeros(0)
     scale = 0.0
@@ -660,7 +668,7 @@ def _power(
     LA, ``s = −1, c = −ρ`` for SA (``ρ`` = spectral radius from a first LM run)."""
     n = _size(op)
     A = _Counted(op)
-    g = _generator(op.device, seed)
+    g = _generator(seed)
     s, c = 1.0, 0.0
     if which != "LM":
         rho_vals, _, _, _ = _power_core(A, n, 1, 1.0, 0.0, tol, max_matvecs, g, op)
@@ -750,7 +758,7 @@ def trace(
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
     A = _Counted(op)
-    g = _generator(op.device, seed)
+    g = _generator(seed)
 
     def block_apply(X: Tensor) -> Tensor:  # (n, b) -> (n, b), in chunks of columns
         return torch.cat([A(X[:, i : i + chunk]) for i in range(0, X.shape[1], chunk)], dim=1)
@@ -842,7 +850,7 @@ def density(
         _check_positive("sigma", sigma)
     m = min(n_iter, n)
     A = _Counted(op)
-    g = _generator(op.device, seed)
+    g = _generator(seed)
     nodes = np.zeros((n_runs, m))
     weights = np.zeros((n_runs, m))
     for r in range(n_runs):

@@ -138,6 +138,9 @@ def grid(config: Config) -> list[dict[str, Any]]:
         ("rank", net, config.rank_norms, config.rank_depths, config.rank_width, config.rank_batch)
         for net in config.rank_nets
     ]
+    unknown = [n for n in config.rank_nets if n not in NETS]
+    if unknown:
+        raise ValueError(f"depth: unknown net(s) {', '.join(unknown)} in rank_nets; known: {', '.join(NETS)}")
     runs = []
     for experiment, net, norms, depths, width, batch in experiments:
         arch, activation, init = NETS[net]

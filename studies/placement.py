@@ -141,6 +141,12 @@ def grid(config: Config) -> list[dict[str, Any]]:
     skip = {*per_run, "mlp_depth", "mlp_width", "vgg_depth", "vgg_width"}
     base = {k: v for k, v in asdict(config).items() if k not in skip}
     sizes = {"mlp": (config.mlp_depth, config.mlp_width), "vgg": (config.vgg_depth, config.vgg_width)}
+    unknown = [a for a in config.archs if a not in sizes]
+    if unknown:
+        raise ValueError(f"placement: archs must be among {', '.join(sizes)}, got {', '.join(unknown)}")
+    unknown = [v for v in config.variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"placement: unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     runs = []
     for arch in config.archs:
         depth, width = sizes[arch]

@@ -107,6 +107,38 @@ CASES = (
         "--threads 0", ("activation_drift", "--threads", "0"), "--threads must be a positive integer, got 0"
     ),
     Case(
+        "unknown name in a study's own grid field",
+        ("placement", "--set", "variants=bn_sideways"),
+        "placement: unknown variant(s) bn_sideways; known: ",
+        also=("bn_before", "none"),
+    ),
+    Case(
+        "an arch a study does not take",
+        ("placement", "--set", "archs=resnet"),
+        "placement: archs must be among mlp, vgg, got resnet",
+    ),
+    Case(
+        "unknown net of the depth study",
+        ("depth", "--set", "rank_nets=sideways"),
+        "depth: unknown net(s) sideways in rank_nets; known: ",
+        also=("linear", "relu"),
+    ),
+    Case(
+        "unknown loss",
+        ("edge_of_stability", "--set", "loss=hinge"),
+        "edge_of_stability: loss must be one of mse, ce, got 'hinge'",
+    ),
+    Case(
+        "--workers 0", ("activation_drift", "--workers", "0"), "--workers: expected a positive integer, got 0"
+    ),
+    Case(
+        "SLURM where there is none",
+        ("activation_drift", "--executor", "slurm"),
+        "--executor slurm: sbatch/srun not found on this machine",
+        also=("--executor submitit-local",),
+        setup=lambda tmp_path, monkeypatch: monkeypatch.setenv("PATH", str(tmp_path)),
+    ),
+    Case(
         "CUDA device without CUDA",
         ("activation_drift", "--device", "cuda"),
         "--device cuda: CUDA is not available on this machine",

@@ -193,7 +193,7 @@ def test_float32_and_dtype_option():
 
 def test_auto_method_per_device():
     assert auto_method("cpu") == "double_backward"
-    assert auto_method("cuda") == "forward_over_reverse"
+    assert auto_method("cuda") == "double_backward"
     case = CASES["mlp-none"]()
     assert hessian_operator(case.model, case.loss_fn, case.batches).method == "double_backward"
 

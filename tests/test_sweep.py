@@ -446,3 +446,32 @@ def test_disk_full_while_writing_records_stops_the_sweep_and_leaves_the_run_unfi
     with pytest.raises(OSError, match="No space left"):
         run_sweep(SWEEP, SweepConfig(), store, log=quiet)
     assert store.run_ids(done=True) == [] and len(store.run_ids(done=False)) == 1  # stopped at the first
+
+
+def test_status_probes_do_not_make_a_sweep_skip_a_run(tmp_path):
+    """`whybn status` looks at a run's lock with a shared lock of a few microseconds; a sweep that tries
+    to take the run at that moment must not conclude that another sweep holds it."""
+    import threading
+
+    store = RunStore(tmp_path, "sweeptoy", "quick")
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            store.holder("r")
+
+    with store.claim("r") as mine:
+        assert mine
+    thread = threading.Thread(target=poll)
+    thread.start()
+    try:
+        claims = []
+        for _ in range(200):
+            with store.claim("r") as mine:
+                claims.append(mine)
+    finally:
+        stop.set()
+        thread.join()
+    assert all(claims)
+    with store.claim("r") as mine, store.claim("r") as other:
+        assert mine and not other  # a real holder still excludes

@@ -23,8 +23,14 @@ train      loss, accuracy, lr (minibatch of update t)      every ``log_every`` s
 train      diverged (value 1.0)                            once, when the run diverges (then it stops)
 eval       test_loss, test_accuracy                        every ``eval_every`` steps and at the end
 eval       train_loss, train_accuracy (whole train set)    same, if ``config.eval_train``
-<name>     failed (value nan, extra key ``error``)         when probe ``<name>`` raised
+<name>     failed (value nan, extra keys ``error`` and     when probe ``<name>`` raised (its other rows of
+           ``reason``)                                     that step are dropped; training goes on)
 =========  ==============================================  ==============================================
+
+A failed row's ``error`` is ``repr(exception)``; its ``reason`` is a short sentence for people,
+``str(exception)`` (the exception's class name if that is empty). A probe that ran but cannot vouch for
+its measurement raises :class:`ProbeFailure` with the reason, e.g. "Lanczos did not converge: the top
+Hessian eigenvalue (estimate 12.3) did not reach tol 0.001 within 40 matvecs".
 
 ``accuracy`` rows are written only for classification (integer targets, logits with one more dimension).
 
@@ -55,10 +61,12 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
     "ProbeContext",
+    "ProbeFailure",
     "ProbeSchedule",
     "TrainConfig",
     "TrainResult",
     "evaluate",
+    "failure_reason",
     "lr_at",
     "lr_factor",
     "make_optimizer",
@@ -282,7 +290,8 @@ class ProbeSchedule:
     Each row ``fn`` yields needs ``metric`` and a numeric ``value``; ``probe`` defaults to ``name`` and
     ``layer`` to ""; the loop sets ``step``; other keys are kept. If ``fn`` raises (or yields a bad row)
     its rows of that step are dropped and one row ``{probe: name, metric: "failed", value: nan,
-    error: repr(exception)}`` is recorded instead; training goes on.
+    error: repr(exception), reason: failure_reason(exception)}`` is recorded instead; training goes on.
+    Raise :class:`ProbeFailure` to report a measurement that cannot be trusted (e.g. not converged).
     """
 
     fn: Callable[[ProbeContext], Iterable[dict[str, Any]]]
@@ -312,6 +321,19 @@ class ProbeSchedule:
         )
 
 
+class ProbeFailure(RuntimeError):
+    """A probe ran but could not produce a measurement it vouches for (e.g. Lanczos did not converge).
+
+    Its message is the human-readable reason, with the numbers that matter (budget spent, tolerance).
+    The training loop records it as the probe's ``failed`` row (``reason`` = the message) and goes on.
+    """
+
+
+def failure_reason(error: BaseException) -> str:
+    """The ``reason`` of a failed probe's row: ``str(error)``, or the exception's class name if empty."""
+    return str(error) or type(error).__name__
+
+
 def _run_probe(schedule: ProbeSchedule, ctx: ProbeContext) -> list[dict[str, Any]]:
     modes = [(module, module.training) for module in ctx.model.modules()]
     cuda = [ctx.device] if ctx.device.type == "cuda" else []
@@ -331,7 +353,9 @@ def _run_probe(schedule: ProbeSchedule, ctx: ProbeContext) -> list[dict[str, Any
         return rows
     except Exception as error:
         log.warning("probe %r failed at step %d: %r", schedule.name, ctx.step, error)
-        return [_row(ctx.step, schedule.name, "failed", math.nan, error=repr(error))]
+        return [
+            _row(ctx.step, schedule.name, "failed", math.nan, error=repr(error), reason=failure_reason(error))
+        ]
     finally:
         for module, training in modes:
             module.training = training
