@@ -9,9 +9,11 @@ TEX_PACKAGES := latexmk texlive-latex-base texlive-latex-recommended texlive-lat
 
 .PHONY: all setup tex test test-slow lint figures paper bench clean
 
-# every study at $(PRESET), then the paper (`whybn all` ends with `whybn paper`)
+# every study at $(PRESET), then the paper (`whybn all` ends with `whybn paper`); one worker process
+# per core, one torch thread each (the records are the same as with one process)
+WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
 all: setup tex
-	$(BIN)/whybn all --preset $(PRESET)
+	$(BIN)/whybn all --preset $(PRESET) --workers $(WORKERS)
 
 setup: $(STAMP)
 
