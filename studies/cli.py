@@ -5,7 +5,7 @@ whybn run STUDY [--preset quick|paper] [--device cpu|cuda] [--seeds N] [--result
                 [--executor local|slurm|submitit-local] [--workers N] [--set key=value ...]
                 [--partition P] [--time MIN] [--gpus N] [--cpus-per-task N] [--mem-gb G]
                 [--array-parallelism N] [--slurm KEY=VALUE ...] [--slurm-config FILE.toml] [--wait]
-whybn status STUDY [--preset quick] [--results DIR]                  (done / running / failed / diverged)
+whybn status [STUDY] [--preset quick] [--results DIR]                (done / running / failed / diverged)
 whybn figures [STUDY] [--preset quick] [--results DIR]
 whybn paper [--preset quick] [--results DIR] [--build-dir DIR] [--tex-only]
 whybn all [--preset quick] [--device cpu] [--results DIR]          (every study, then the paper)
@@ -163,6 +163,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """Counts of the runs of a study's last sweep by state, the failures with their reasons, the
     runs in progress with their host and process."""
+    if args.study is None:  # one line per study that has a sweep at this preset
+        for name in STUDY_NAMES:
+            store = RunStore(args.results, name, args.preset)
+            if store.base.is_dir():
+                states = sweep_status(get_study(name), _saved_config(get_study(name), store), store)
+                counts = "  ".join(f"{state} {len(states[state])}" for state in RUN_STATES)
+                print(f"{name:<20} {counts}")
+            else:
+                print(f"{name:<20} not run (`whybn run {name} --preset {args.preset}`)")
+        return 0
     study = _study(args.study)
     store = RunStore(args.results, study.name, args.preset)
     if not store.base.is_dir():
@@ -327,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="done / running / failed / diverged runs of a study's sweep")
-    p.add_argument("study", help="study name (see `whybn list`)")
+    p.add_argument("study", nargs="?", default=None, help="study name (default: a line for every study)")
     common(p, device=False)
     p.set_defaults(func=cmd_status)
 
@@ -374,6 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as err:
         print(f"whybn: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `whybn status | head`: the reader has gone; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,7 +22,15 @@ import pytest
 from studies import cli
 from studies.lab.store import DONE, FAILED, RECORDS, RunStore, environment, read_records
 from studies.lab.study import RunContext, Study
-from studies.lab.sweep import ExecutorSpec, _submitit_executor, plan_runs, run_sweep, sweep_status
+from studies.lab.sweep import (
+    ExecutorSpec,
+    RequeuedRun,
+    RunTask,
+    _submitit_executor,
+    plan_runs,
+    run_sweep,
+    sweep_status,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 ATTEMPTS = "WHYBN_TEST_ATTEMPTS"
@@ -200,6 +208,18 @@ def test_slurm_submits_one_job_array_with_the_options_and_returns(
     assert "gpus_per_node" not in cpu._executor.parameters and cpu._executor.parameters["cpus_per_task"] == 2
 
 
+def test_a_preempted_or_timed_out_slurm_task_is_requeued_with_its_run(tmp_path, attempt_log):
+    """What submitit calls when SLURM signals a timeout or preemption: the same run, resubmitted."""
+    store = RunStore(tmp_path, "sweeptoy", "quick")
+    run_id, config = plan_runs(SWEEP, SweepConfig(seeds=1))[0]
+    task = RunTask(SWEEP, str(tmp_path), "quick", run_id, config)
+    resubmission = RequeuedRun().checkpoint(task)
+    assert isinstance(resubmission.function, RequeuedRun) and resubmission.args == (task,)
+    store.begin(run_id, config, environment(seed=0))  # the killed attempt left an unfinished directory
+    outcome = resubmission.function(*resubmission.args)
+    assert outcome.status == "done" and store.is_done(run_id) and attempts(attempt_log) == ["none-0"]
+
+
 def test_slurm_without_sbatch_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setattr(cli, "get_study", lambda name: SWEEP)
@@ -299,6 +319,16 @@ def test_status_counts_every_state(tmp_path, capsys, monkeypatch):
     assert f"failed   {by_name['none-1']}: RuntimeError: out of patience" in out
     assert f"running  {by_name['bn-1']}: " in out and f"pid {os.getpid()}" in out
     assert store.state(by_name["bn-1"]) == "interrupted"  # the lock is released with the block
+
+
+def test_status_of_every_study(tmp_path, capsys, monkeypatch):
+    run_sweep(SWEEP, SweepConfig(seeds=1), RunStore(tmp_path, "sweeptoy", "quick"), log=quiet)
+    monkeypatch.setattr(cli, "STUDY_NAMES", ("sweeptoy", "other"))
+    monkeypatch.setattr(cli, "get_study", lambda name: SWEEP)
+    assert cli.main(["status", "--results", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == "sweeptoy done 2 diverged 0 running 0 failed 0 interrupted 0 pending 0".split()
+    assert lines[1].startswith("other") and "not run (`whybn run other --preset quick`)" in lines[1]
 
 
 def test_status_of_a_study_never_run_is_a_clear_error(tmp_path, capsys, monkeypatch):

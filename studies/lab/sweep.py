@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import cloudpickle
+import submitit
 
 from studies.lab.store import RUN_STATES, RunStore, environment, make_run_id, write_json
 from studies.lab.study import RunContext, Study
@@ -37,6 +38,7 @@ from studies.lab.study import RunContext, Study
 __all__ = [
     "EXECUTORS",
     "ExecutorSpec",
+    "RequeuedRun",
     "RunOutcome",
     "RunTask",
     "SweepReport",
@@ -131,6 +133,21 @@ def execute_run(task: RunTask) -> RunOutcome:
         return RunOutcome(task.run_id, status, time.perf_counter() - start, n)
 
 
+class RequeuedRun(submitit.helpers.Checkpointable):
+    """``execute_run`` as a SLURM array task that is requeued when preempted or out of time.
+
+    submitit signals the job before SLURM kills it, calls :meth:`checkpoint`, and resubmits the same
+    task (at most ``max_num_timeout`` = 3 times for timeouts): the requeued task takes the run's lock
+    once the killed process has released it, finds no ``DONE``, and redoes the run from scratch.
+    """
+
+    def __call__(self, task: RunTask) -> RunOutcome:
+        return execute_run(task)
+
+    def checkpoint(self, task: RunTask) -> submitit.helpers.DelayedSubmission:
+        return submitit.helpers.DelayedSubmission(RequeuedRun(), task)
+
+
 def _execute_pickled(blob: bytes) -> RunOutcome:
     """``execute_run`` on a cloudpickled task (a study defined in a test or a notebook pickles too)."""
     return execute_run(cloudpickle.loads(blob))
@@ -217,8 +234,6 @@ class ExecutorSpec:
 
 def _submitit_executor(spec: ExecutorSpec, store: RunStore, ctx: RunContext, threads: int | None) -> Any:
     import shutil
-
-    import submitit
 
     folder = Path(spec.folder) if spec.folder else store.base / "slurm"
     cluster = "local" if spec.kind == "submitit-local" else "slurm"
@@ -385,7 +400,7 @@ def _run_on_submitit(
     log: Callable[[str], None],
 ) -> None:
     """One job-array task per run; with ``spec.waits``, block until each ends and record its outcome."""
-    jobs = executor.map_array(execute_run, tasks)
+    jobs = executor.map_array(RequeuedRun(), tasks)
     job_ids = {task.run_id: str(job.job_id) for task, job in zip(tasks, jobs, strict=True)}
     write_json(store.base / "slurm" / "jobs.json", {"executor": spec.kind, "jobs": job_ids})
     array = str(jobs[0].job_id).split("_")[0] if jobs else ""
