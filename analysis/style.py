@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -11,7 +13,14 @@ matplotlib.use("Agg")  # figures are files; never open a window
 import matplotlib.pyplot as plt
 import seaborn as sns
 
-__all__ = ["NORM_LABELS", "NORM_ORDER", "norm_palette", "save_figure", "use_style"]
+__all__ = [
+    "NORM_LABELS",
+    "NORM_ORDER",
+    "labeled_legend",
+    "norm_palette",
+    "save_figure",
+    "use_style",
+]
 
 #: The order in which norms appear in every legend and table.
 NORM_ORDER = ("none", "bn", "noisy_bn", "noise", "lp_bn", "ln", "gn", "in", "dbn", "iternorm", "wn")
@@ -45,6 +54,16 @@ def ordered_norms(present) -> list[str]:
     """The norms in ``present`` in house order (unknown ones last, alphabetically)."""
     present = set(present)
     return [n for n in NORM_ORDER if n in present] + sorted(present - set(NORM_ORDER))
+
+
+def labeled_legend(ax: Any, labels: Mapping[str, str] = NORM_LABELS, **options: Any) -> Any:
+    """Draw ``ax``'s legend with each entry's name shown as ``labels[name]`` (a name without a label
+    stays as it is): seaborn names hue entries by their value (``"bn"``), the figure shows the label.
+
+    ``options`` go to ``ax.legend`` (``loc``, ``fontsize``, ...); returns the legend.
+    """
+    handles, names = ax.get_legend_handles_labels()
+    return ax.legend(handles, [labels.get(name, name) for name in names], **options)
 
 
 def use_style() -> None:

@@ -33,13 +33,12 @@ import pandas as pd
 import torch
 
 from analysis.claims import Claim, test_claim
-from analysis.style import NORM_LABELS, norm_palette, ordered_norms, save_figure, use_style
+from analysis.style import NORM_LABELS, labeled_legend, norm_palette, ordered_norms, save_figure, use_style
 from probes.activations import capture_layer_inputs
 from probes.functional import norm_mode
-from studies.lab.data import dataset_info, load_dataset, run_data_options
-from studies.lab.nets import make_net
+from studies.lab.runs import load_run_data, make_run_net, run_train_config, train_run
 from studies.lab.study import RunContext, Study
-from studies.lab.train import ProbeContext, ProbeSchedule, TrainConfig, train
+from studies.lab.train import ProbeContext, ProbeSchedule
 
 PERCENTILES = (15, 50, 85)
 
@@ -108,44 +107,21 @@ def sigmoid_input_probe(probe_x: torch.Tensor, units: int, bn: str = "batch"):
 
 
 def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
-    train_set, test_set = load_dataset(rc["dataset"], **run_data_options(rc))
-    info = dataset_info(train_set)
-    torch.manual_seed(rc["seed"])
-    model = make_net(
-        rc["arch"],
-        norm=rc["norm"],
-        in_shape=info.in_shape,
-        num_classes=info.num_classes,
-        depth=rc["depth"],
-        width=rc["width"],
-        activation=rc["activation"],
-        placement=rc["placement"],
-        init=rc["init"],
-    )
-    probe_x = test_set.tensors[0][: rc["probe_size"]]
-    config = TrainConfig(
-        optimizer=rc["optimizer"],
-        lr=rc["lr"],
-        momentum=rc["momentum"],
-        batch_size=rc["batch_size"],
-        steps=rc["steps"],
-        eval_every=rc["eval_every"],
-        log_every=rc["probe_every"],
-    )
+    data = load_run_data(rc)
+    model = make_run_net(rc, data.info)
+    probe_x = data.test.tensors[0][: rc["probe_size"]]
     schedule = ProbeSchedule(
         sigmoid_input_probe(probe_x, rc["units"], rc["probe_bn"]),
         steps=range(0, rc["steps"] + 1, rc["probe_every"]),
         name="sigmoid_input",
     )
-    result = train(
+    result = train_run(
         model,
-        train_set,
-        config=config,
-        test_set=test_set,
+        data,
+        rc,
+        ctx,
+        config=run_train_config(rc, log_every=rc["probe_every"]),
         probes=[schedule],
-        seed=rc["seed"],
-        device=ctx.device,
-        progress=ctx.progress,
         desc=f"activation_drift {rc['norm']} s{rc['seed']}",
     )
     return result.records
@@ -227,8 +203,7 @@ def analyze(df: pd.DataFrame, config: Config, out_dir: Path) -> list[Claim]:
         ax=axes[0],
     )
     axes[0].set(title="(a) test accuracy", xlabel="training step", ylabel="accuracy")
-    handles, labels = axes[0].get_legend_handles_labels()
-    axes[0].legend(handles, [NORM_LABELS.get(n, n) for n in labels], loc="lower right")
+    labeled_legend(axes[0], loc="lower right")
 
     # (b, c): the typical unit (unit 0) of seed 0, its 15/50/85th percentiles over training
     unit = df[(df["probe"] == "sigmoid_input") & (df["layer"] == "unit0") & (df["seed"] == df["seed"].min())]

@@ -49,14 +49,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from analysis.claims import Claim, test_claim
-from analysis.style import NORM_LABELS, norm_palette, ordered_norms, save_figure, use_style
-from studies.lab.data import dataset_info, load_dataset, run_data_options
-from studies.lab.nets import make_net
+from analysis.style import NORM_LABELS, labeled_legend, norm_palette, ordered_norms, save_figure, use_style
+from studies.lab.runs import load_run_data, make_run_net, run_train_config, train_run
 from studies.lab.study import RunContext, Study
-from studies.lab.train import TrainConfig, train
 
 SOURCE = "Wu & He 2018, Fig. 1"
 FLAT_SLOPE = 0.01  # claims 1-2: |slope of test error per doubling of the batch| below this
@@ -114,41 +111,18 @@ def grid(config: Config) -> list[dict[str, Any]]:
 
 def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
     """Train one (norm, batch size, seed) for ``epochs`` passes; evaluate once per epoch."""
-    train_set, test_set = load_dataset(rc["dataset"], **run_data_options(rc))
-    info = dataset_info(train_set)
-    torch.manual_seed(rc["seed"])
-    model = make_net(
-        rc["arch"],
-        norm=rc["norm"],
-        in_shape=info.in_shape,
-        num_classes=info.num_classes,
-        depth=rc["depth"],
-        width=rc["width"],
-        activation=rc["activation"],
-        init=rc["init"],
-        norm_options={"groups": rc["groups"]} if rc["norm"] == "gn" else None,
-    )
-    per_epoch = len(train_set) // rc["batch_size"]
-    config = TrainConfig(
+    data = load_run_data(rc)
+    model = make_run_net(rc, data.info, norm_options={"groups": rc["groups"]} if rc["norm"] == "gn" else None)
+    per_epoch = len(data.train) // rc["batch_size"]
+    config = run_train_config(
+        rc,
         optimizer="sgd",
-        lr=rc["lr"],
-        momentum=rc["momentum"],
-        weight_decay=rc["weight_decay"],
-        batch_size=rc["batch_size"],
         steps=rc["epochs"] * per_epoch,
-        schedule=rc["schedule"],
         eval_every=per_epoch,
         log_every=max(1, per_epoch // LOGS_PER_EPOCH),
     )
-    result = train(
-        model,
-        train_set,
-        config=config,
-        test_set=test_set,
-        seed=rc["seed"],
-        device=ctx.device,
-        progress=ctx.progress,
-        desc=f"batch_size {rc['norm']} B{rc['batch_size']} s{rc['seed']}",
+    result = train_run(
+        model, data, rc, ctx, config=config, desc=f"batch_size {rc['norm']} B{rc['batch_size']} s{rc['seed']}"
     )
     return result.records
 
@@ -276,8 +250,7 @@ def analyze(df: pd.DataFrame, config: Config, out_dir: Path) -> list[Claim]:
     axes[0].minorticks_off()
     axes[0].invert_xaxis()  # as Wu & He: the batch shrinks to the right
     axes[0].set(title="(a) test error after training", xlabel="batch size (images per batch)", ylabel="error")
-    handles, labels = axes[0].get_legend_handles_labels()
-    axes[0].legend(handles, [NORM_LABELS.get(n, n) for n in labels], loc="upper left")
+    labeled_legend(axes[0], loc="upper left")
 
     acc = df[(df["probe"] == "eval") & (df["metric"] == "test_accuracy")].copy()
     acc["error"] = 1.0 - acc["value"]

@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 
 from analysis.claims import Claim, test_claim
-from analysis.style import NORM_LABELS, norm_palette, ordered_norms, save_figure, use_style
+from analysis.style import labeled_legend, norm_palette, ordered_norms, save_figure, use_style
 from probes.conditioning import rank_collapse
 from probes.gradients import BN_RELU_GRADIENT_GROWTH, layer_gradient_norms
 from studies.lab.data import dataset_info, load_dataset
@@ -344,8 +344,7 @@ def analyze(df: pd.DataFrame, config: Config, out_dir: Path) -> list[Claim]:
             xlabel="layer l, counted from the output",
             ylabel="‖∇W_l‖ / ‖∇W_0‖",
         )
-        handles, labels = axes[0].get_legend_handles_labels()
-        axes[0].legend(handles, [NORM_LABELS.get(n, n) for n in labels], loc="best", fontsize="small")
+        labeled_legend(axes[0], loc="best", fontsize="small")
 
         rates = growth_rates(df)
         sns.lineplot(
@@ -398,8 +397,7 @@ def analyze(df: pd.DataFrame, config: Config, out_dir: Path) -> list[Claim]:
             ylabel="soft rank r(H)",
             ylim=(0, None),
         )
-        handles, labels = ax.get_legend_handles_labels()
-        ax.legend(handles, [NORM_LABELS.get(n, n) for n in labels], loc="best", fontsize="small")
+        labeled_legend(ax, loc="best", fontsize="small")
     fig.tight_layout()
     save_figure(fig, out_dir, "depth")
     return claims(df)

@@ -59,18 +59,16 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from analysis.claims import Claim, test_claim
-from analysis.style import NORM_LABELS, norm_palette, ordered_norms, save_figure, use_style
+from analysis.style import NORM_LABELS, labeled_legend, norm_palette, ordered_norms, save_figure, use_style
 from probes.hessian import hessian_eigenvalues
-from studies.lab.data import dataset_info, load_dataset, run_data_options
-from studies.lab.nets import make_net
+from studies.lab.runs import load_run_data, make_run_net, run_train_config, train_run
 from studies.lab.study import RunContext, Study
-from studies.lab.train import ProbeContext, ProbeFailure, ProbeSchedule, TrainConfig, train
+from studies.lab.train import ProbeContext, ProbeFailure, ProbeSchedule
 
 SOURCE = "Cohen, Kaur, Li, Kolter & Talwalkar 2021, Fig. 1"
 SOURCE_BN = "Cohen, Kaur, Li, Kolter & Talwalkar 2021 (networks with batch normalization)"
@@ -179,44 +177,23 @@ def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
     """Full-batch GD on the first ``n_train`` examples with the sharpness probe every ``probe_every``."""
     if rc["loss"] not in LOSSES:
         raise KeyError(f"unknown loss {rc['loss']!r}; known: {', '.join(LOSSES)}")
-    train_set, test_set = load_dataset(rc["dataset"], **run_data_options(rc))
-    info = dataset_info(train_set)
-    if len(train_set) < rc["n_train"]:
-        raise ValueError(f"n_train {rc['n_train']} exceeds the {len(train_set)} training examples")
-    subset = TensorDataset(*(t[: rc["n_train"]] for t in train_set.tensors))
-    torch.manual_seed(rc["seed"])
-    model = make_net(
-        "mlp",
-        norm=rc["norm"],
-        in_shape=info.in_shape,
-        num_classes=info.num_classes,
-        depth=rc["depth"],
-        width=rc["width"],
-        activation=rc["activation"],
-        init=rc["init"],
-    )
-    config = TrainConfig(
-        optimizer="sgd",
-        lr=rc["lr"],
-        full_batch=True,
-        steps=rc["steps"],
-        eval_every=rc["eval_every"],
-        log_every=rc["log_every"],
-    )
+    data = load_run_data(rc)
+    if len(data.train) < rc["n_train"]:
+        raise ValueError(f"n_train {rc['n_train']} exceeds the {len(data.train)} training examples")
+    subset = TensorDataset(*(t[: rc["n_train"]] for t in data.train.tensors))
+    model = make_run_net(rc, data.info)
     schedule = ProbeSchedule(
         sharpness_probe(rc["eig_tol"], rc["seed"]), every=rc["probe_every"], name="sharpness"
     )
-    result = train(
+    result = train_run(
         model,
-        subset,
-        config=config,
-        loss_fn=LOSSES[rc["loss"]],
-        test_set=test_set,
+        replace(data, train=subset),
+        rc,
+        ctx,
+        config=run_train_config(rc, optimizer="sgd", full_batch=True),
         probes=[schedule],
-        seed=rc["seed"],
-        device=ctx.device,
-        progress=ctx.progress,
         desc=f"edge_of_stability {rc['norm']} lr{rc['lr']:g} s{rc['seed']}",
+        loss_fn=LOSSES[rc["loss"]],
     )
     return result.records
 
@@ -320,8 +297,7 @@ def analyze(df: pd.DataFrame, config: Config, out_dir: Path) -> list[Claim]:
                      legend=False)  # fmt: skip
         bottom.set(title=f"({'abcdefgh'[len(lrs) + col]}) training loss, η = {lr:g}", xlabel="update",
                    ylabel=f"full-batch {config.loss} loss", yscale="log")  # fmt: skip
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    axes[0, 0].legend(handles, [NORM_LABELS.get(n, n) for n in labels], loc="best", fontsize="small")
+    labeled_legend(axes[0, 0], loc="best", fontsize="small")
     fig.tight_layout()
     save_figure(fig, out_dir, "edge_of_stability")
     return claims(df)

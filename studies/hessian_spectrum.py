@@ -89,10 +89,9 @@ from analysis.style import NORM_LABELS, norm_palette, ordered_norms, save_figure
 from probes import spectral
 from probes.functional import is_batch_dependent
 from probes.hvp import hessian_operator
-from studies.lab.data import dataset_info, load_dataset, run_data_options
-from studies.lab.nets import make_net
+from studies.lab.runs import load_run_data, make_run_net, run_train_config, train_run
 from studies.lab.study import RunContext, Study
-from studies.lab.train import ProbeContext, ProbeSchedule, TrainConfig, train
+from studies.lab.train import ProbeContext, ProbeSchedule
 
 #: Net names of the grid: the arch ``make_net`` builds and its options.
 NETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -330,54 +329,33 @@ def hessian_probe(
 
 
 def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
-    train_set, test_set = load_dataset(rc["dataset"], **run_data_options(rc))
-    info = dataset_info(train_set)
+    data = load_run_data(rc)
     arch, options = NETS[rc["net"]]
     width = rc["mlp_width"] if arch == "mlp" else rc["conv_width"]
-    torch.manual_seed(rc["seed"])
-    model = make_net(
-        arch,
-        norm="bn" if rc["norm"] == "popbn" else rc["norm"],
-        in_shape=info.in_shape,
-        num_classes=info.num_classes,
-        depth=rc["depth"],
-        width=width,
-        activation=rc["activation"],
-        init=rc["init"],
-        **options,
+    model = make_run_net(
+        rc, data.info, arch=arch, norm="bn" if rc["norm"] == "popbn" else rc["norm"], width=width, **options
     )
-    x, y = train_set.tensors
+    x, y = data.train.tensors
     probe_batch = (x[: rc["probe_size"]], y[: rc["probe_size"]])
     on_step = None
     if rc["norm"] == "popbn":
         model.to(ctx.device)
         on_step = population_refresher(model, x.to(ctx.device), rc["pop_size"], rc["pop_every"], rc["seed"])
-    config = TrainConfig(
-        optimizer=rc["optimizer"],
-        lr=rc["lr"],
-        momentum=rc["momentum"],
-        batch_size=rc["batch_size"],
-        steps=rc["steps"],
-        eval_every=rc["eval_every"],
-        log_every=min(rc["eval_every"], 25),
-    )
     schedules = [
         ProbeSchedule(
-            hessian_probe(probe_batch, bn=bn, view=view, num_classes=info.num_classes, rc=rc),
+            hessian_probe(probe_batch, bn=bn, view=view, num_classes=data.info.num_classes, rc=rc),
             steps=[s for s in rc["probe_steps"] if s <= rc["steps"]],
             name=f"hessian_{bn}",
         )
         for bn, view in measurement_modes(rc["norm"])
     ]
-    result = train(
+    result = train_run(
         model,
-        train_set,
-        config=config,
-        test_set=test_set,
+        data,
+        rc,
+        ctx,
+        config=run_train_config(rc, log_every=min(rc["eval_every"], 25)),
         probes=schedules,
-        seed=rc["seed"],
-        device=ctx.device,
-        progress=ctx.progress,
         desc=f"hessian_spectrum {rc['net']}{rc['depth']} {rc['norm']} s{rc['seed']}",
         on_step=on_step,
     )

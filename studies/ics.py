@@ -72,15 +72,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from analysis.claims import Claim, test_claim
-from analysis.style import NORM_LABELS, norm_palette, ordered_norms, save_figure, use_style
+from analysis.style import labeled_legend, norm_palette, ordered_norms, save_figure, use_style
 from probes.ics import ics_gradient_change
-from studies.lab.data import dataset_info, load_dataset, run_data_options
-from studies.lab.nets import make_net
+from studies.lab.runs import load_run_data, make_run_net, run_train_config, train_run
 from studies.lab.study import RunContext, Study
-from studies.lab.train import ProbeContext, ProbeSchedule, TrainConfig, train
+from studies.lab.train import ProbeContext, ProbeSchedule
 
 PROBE = "ics"
 METRICS = ("l2", "relative_l2", "cosine", "grad_norm")
@@ -210,39 +208,18 @@ def ics_probe(bn: str = "batch") -> Callable[[ProbeContext], list[dict[str, Any]
 
 
 def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
-    train_set, test_set = load_dataset(rc["dataset"], **run_data_options(rc))
-    info = dataset_info(train_set)
-    torch.manual_seed(rc["seed"])
-    model = make_net(
-        rc["arch"],
-        norm=rc["norm"],
-        in_shape=info.in_shape,
-        num_classes=info.num_classes,
-        depth=rc["depth"],
-        width=rc["width"],
-        init=rc["init"],
-    )
-    config = TrainConfig(
-        optimizer="sgd",
-        lr=rc["lr"],
-        momentum=rc["momentum"],
-        batch_size=rc["batch_size"],
-        steps=rc["steps"],
-        eval_every=rc["eval_every"],
-        log_every=rc["log_every"],
-    )
+    data = load_run_data(rc)
+    model = make_run_net(rc, data.info)
     schedule = ProbeSchedule(
         ics_probe(rc["probe_bn"]), steps=range(0, rc["steps"] + 1, rc["probe_every"]), name=PROBE
     )
-    result = train(
+    result = train_run(
         model,
-        train_set,
-        config=config,
-        test_set=test_set,
+        data,
+        rc,
+        ctx,
+        config=run_train_config(rc, optimizer="sgd"),
         probes=[schedule],
-        seed=rc["seed"],
-        device=ctx.device,
-        progress=ctx.progress,
         desc=f"ics {rc['arch']} {rc['norm']} s{rc['seed']}",
     )
     return result.records
@@ -341,11 +318,6 @@ def shown_layers(indices: list[int]) -> list[int]:
     return sorted(set(picks))
 
 
-def _legend(ax: Any, **options: Any) -> None:
-    handles, labels = ax.get_legend_handles_labels()
-    ax.legend(handles, [NORM_LABELS.get(label, label) for label in labels], **options)
-
-
 def _draw_over_training(df: pd.DataFrame, archs: list[str], norms: list[str], out_dir: Path) -> None:
     import matplotlib.pyplot as plt
     import seaborn as sns
@@ -364,7 +336,7 @@ def _draw_over_training(df: pd.DataFrame, archs: list[str], norms: list[str], ou
         )
         row[0].set(title=f"({next(letters)}) {name}: training loss", xlabel="training step", ylabel="loss")
         row[0].set_yscale("log")
-        _legend(row[0], loc="upper right")
+        labeled_legend(row[0], loc="upper right")
         ics = df[(df["arch"] == arch) & (df["probe"] == PROBE)].copy()
         ics = ics[ics["layer_index"].isin(shown_layers(ics["layer_index"].astype(int).tolist()))]
         ics["layer #"] = ics["layer_index"].astype(int)
@@ -388,7 +360,7 @@ def _draw_over_training(df: pd.DataFrame, archs: list[str], norms: list[str], ou
             else:
                 ax.set_yscale("log")
             if metric == "l2":
-                _legend(ax, loc="best", fontsize="x-small")
+                labeled_legend(ax, loc="best", fontsize="x-small")
             else:
                 ax.get_legend().remove()
     fig.tight_layout()
@@ -431,7 +403,7 @@ def _draw_by_layer(df: pd.DataFrame, archs: list[str], norms: list[str], out_dir
             else:
                 ax.set_yscale("log")
             if metric == "l2":
-                _legend(ax, loc="best")
+                labeled_legend(ax, loc="best")
             else:
                 ax.get_legend().remove()
     fig.tight_layout()

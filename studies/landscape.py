@@ -68,13 +68,12 @@ import pandas as pd
 import torch
 
 from analysis.claims import Claim, test_claim
-from analysis.style import NORM_LABELS, norm_palette, ordered_norms, save_figure, use_style
+from analysis.style import NORM_LABELS, labeled_legend, norm_palette, ordered_norms, save_figure, use_style
 from probes.functional import norm_mode
 from probes.smoothness import landscape_along_gradient
-from studies.lab.data import dataset_info, load_dataset, run_data_options
-from studies.lab.nets import make_net
+from studies.lab.runs import load_run_data, make_run_net, run_train_config, train_run
 from studies.lab.study import RunContext, Study
-from studies.lab.train import ProbeContext, ProbeSchedule, TrainConfig, train
+from studies.lab.train import ProbeContext, ProbeSchedule
 
 #: The landscape summaries compared between norms, with the name Santurkar et al. give each.
 METRICS = {
@@ -179,32 +178,12 @@ def landscape_probe(
 
 def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
     """Train one variant with the landscape probe; every row is stamped with ``variant`` and ``lr``."""
-    train_set, test_set = load_dataset(rc["dataset"], **run_data_options(rc))
-    info = dataset_info(train_set)
+    data = load_run_data(rc)
     options = {} if rc["p"] is None else {"norm_options": {"p": "inf" if rc["p"] == "inf" else int(rc["p"])}}
-    torch.manual_seed(rc["seed"])
-    model = make_net(
-        rc["arch"],
-        norm=rc["norm"],
-        in_shape=info.in_shape,
-        num_classes=info.num_classes,
-        depth=rc["depth"],
-        width=rc["width"],
-        activation=rc["activation"],
-        init=rc["init"],
-        **options,
-    )
+    model = make_run_net(rc, data.info, **options)
     if rc["match_size"] < rc["batch_size"]:
         raise ValueError(f"match_size {rc['match_size']} must be at least batch_size {rc['batch_size']}")
-    subset = (train_set.tensors[0][: rc["match_size"]], train_set.tensors[1][: rc["match_size"]])
-    config = TrainConfig(
-        optimizer="sgd",
-        lr=rc["lr"],
-        batch_size=rc["batch_size"],
-        steps=rc["steps"],
-        eval_every=rc["eval_every"],
-        log_every=rc["probe_every"],
-    )
+    subset = (data.train.tensors[0][: rc["match_size"]], data.train.tensors[1][: rc["match_size"]])
     schedule = ProbeSchedule(
         landscape_probe(
             [rc["lr"] * m for m in rc["step_multipliers"]], subset, rc["batch_size"], rc["probe_bn"]
@@ -212,15 +191,13 @@ def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
         every=rc["probe_every"],
         name="landscape",
     )
-    result = train(
+    result = train_run(
         model,
-        train_set,
-        config=config,
-        test_set=test_set,
+        data,
+        rc,
+        ctx,
+        config=run_train_config(rc, optimizer="sgd", log_every=rc["probe_every"]),
         probes=[schedule],
-        seed=rc["seed"],
-        device=ctx.device,
-        progress=ctx.progress,
         desc=f"landscape {rc['variant']} lr{rc['lr']:g} s{rc['seed']}",
     )
     return [{**row, "variant": rc["variant"], "lr": rc["lr"]} for row in result.records]
@@ -359,8 +336,12 @@ def _variants(present: Sequence[str]) -> list[str]:
     return ordered_norms(set(present) - set(LP_LABELS)) + [v for v in LP_LABELS if v in set(present)]
 
 
+#: Legend labels of the variants: the norms' labels and ℓp BN's.
+VARIANT_LABELS = {**NORM_LABELS, **LP_LABELS}
+
+
 def _label(variant_name: str) -> str:
-    return LP_LABELS.get(variant_name, NORM_LABELS.get(variant_name, variant_name))
+    return VARIANT_LABELS.get(variant_name, variant_name)
 
 
 def _bands(df: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -441,8 +422,7 @@ def analyze(df: pd.DataFrame, config: Config, out_dir: Path) -> list[Claim]:
                 ylabel=AXIS_LABELS[metric],
                 yscale="log" if metric in log_axes else "linear",
             )
-        handles, labels = row[0].get_legend_handles_labels()
-        row[0].legend(handles, [_label(v) for v in labels], loc="upper right", fontsize="small")
+        labeled_legend(row[0], VARIANT_LABELS, loc="upper right", fontsize="small")
     fig.tight_layout()
     save_figure(fig, out_dir, "landscape_lp")
 
@@ -473,8 +453,7 @@ def analyze(df: pd.DataFrame, config: Config, out_dir: Path) -> list[Claim]:
             )
             ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on a short log range
             ax.invert_xaxis()  # training progresses to the right
-        handles, labels = row[0].get_legend_handles_labels()
-        row[0].legend(handles, [_label(v) for v in labels], loc="best", fontsize="small")
+        labeled_legend(row[0], VARIANT_LABELS, loc="best", fontsize="small")
     fig.tight_layout()
     save_figure(fig, out_dir, "landscape_matched_loss")
     return claims(df)

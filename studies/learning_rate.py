@@ -57,15 +57,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from analysis.claims import Claim, test_claim
-from analysis.style import NORM_LABELS, norm_palette, ordered_norms, save_figure, use_style
+from analysis.style import NORM_LABELS, labeled_legend, norm_palette, ordered_norms, save_figure, use_style
 from probes.smoothness import landscape_along_gradient
-from studies.lab.data import dataset_info, load_dataset, run_data_options
-from studies.lab.nets import make_net
+from studies.lab.runs import load_run_data, make_run_net, run_train_config, train_run
 from studies.lab.study import RunContext, Study
-from studies.lab.train import ProbeContext, ProbeSchedule, TrainConfig, train
+from studies.lab.train import ProbeContext, ProbeSchedule
 
 SOURCE = "Bjorck et al. 2018, Fig. 1 and §3"
 SOURCE_LANDSCAPE = "Bjorck et al. 2018, Fig. 3 (relative loss along the gradient at initialization)"
@@ -142,43 +140,20 @@ def init_landscape_probe(step_sizes: Sequence[float], bn: str) -> Callable[[Prob
 
 def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
     """Train one (norm, learning rate, seed); evaluate at the start and the end."""
-    train_set, test_set = load_dataset(rc["dataset"], **run_data_options(rc))
-    info = dataset_info(train_set)
-    torch.manual_seed(rc["seed"])
-    model = make_net(
-        rc["arch"],
-        norm=rc["norm"],
-        in_shape=info.in_shape,
-        num_classes=info.num_classes,
-        depth=rc["depth"],
-        width=rc["width"],
-        activation=rc["activation"],
-        init=rc["init"],
-        norm_options={"groups": rc["groups"]} if rc["norm"] == "gn" else None,
-    )
-    config = TrainConfig(
-        optimizer="sgd",
-        lr=rc["lr"],
-        momentum=rc["momentum"],
-        batch_size=rc["batch_size"],
-        steps=rc["steps"],
-        eval_every=max(1, rc["steps"]),
-        log_every=rc["log_every"],
-    )
+    data = load_run_data(rc)
+    model = make_run_net(rc, data.info, norm_options={"groups": rc["groups"]} if rc["norm"] == "gn" else None)
     probes = (
         [ProbeSchedule(init_landscape_probe(rc["step_sizes"], rc["probe_bn"]), steps=[0], name="landscape")]
         if rc["landscape"]
         else []
     )
-    result = train(
+    result = train_run(
         model,
-        train_set,
-        config=config,
-        test_set=test_set,
+        data,
+        rc,
+        ctx,
+        config=run_train_config(rc, optimizer="sgd", eval_every=max(1, rc["steps"])),
         probes=probes,
-        seed=rc["seed"],
-        device=ctx.device,
-        progress=ctx.progress,
         desc=f"learning_rate {rc['norm']} lr{rc['lr']:g} s{rc['seed']}",
     )
     return result.records
@@ -324,8 +299,7 @@ def analyze(df: pd.DataFrame, config: Config, out_dir: Path) -> list[Claim]:
         errorbar=("pi", 100),
         ax=axes[1],
     )
-    handles, names = axes[1].get_legend_handles_labels()
-    axes[1].legend(handles, [NORM_LABELS.get(n, n) for n in names], loc="upper left", fontsize="small")
+    labeled_legend(axes[1], loc="upper left", fontsize="small")
     axes[1].axhline(config.blowup, color="0.5", lw=0.8, ls="--")
     axes[1].set(
         xscale="log",

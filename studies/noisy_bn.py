@@ -75,15 +75,14 @@ import torch
 from torch import Tensor, nn
 
 from analysis.claims import Claim, test_claim
-from analysis.style import NORM_LABELS, norm_palette, ordered_norms, save_figure, use_style
+from analysis.style import NORM_LABELS, labeled_legend, norm_palette, ordered_norms, save_figure, use_style
 from probes.activations import capture_layer_inputs
 from probes.functional import norm_mode, probe_guard
 from probes.ics import InputStatistics, LayerInputStatistics, distribution_shift
-from studies.lab.data import dataset_info, load_dataset, run_data_options
-from studies.lab.nets import make_net
 from studies.lab.norms import TimeVaryingNoise
+from studies.lab.runs import load_run_data, make_run_net, run_train_config, train_run
 from studies.lab.study import RunContext, Study
-from studies.lab.train import ProbeContext, ProbeSchedule, TrainConfig, train
+from studies.lab.train import ProbeContext, ProbeSchedule
 
 SOURCE = "Santurkar et al. 2018, Fig. 2"
 NOISY = ("noisy_bn", "noise")  # the norms that take the noise options
@@ -221,34 +220,13 @@ def activation_probe(
 
 
 def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
-    train_set, test_set = load_dataset(rc["dataset"], **run_data_options(rc))
-    info = dataset_info(train_set)
+    data = load_run_data(rc)
     noise = {k: rc[k] for k in ("noise_mean", "noise_scale", "noise_std")} if rc["norm"] in NOISY else {}
-    torch.manual_seed(rc["seed"])
-    model = make_net(
-        rc["arch"],
-        norm=rc["norm"],
-        in_shape=info.in_shape,
-        num_classes=info.num_classes,
-        depth=rc["depth"],
-        width=rc["width"],
-        activation=rc["activation"],
-        init=rc["init"],
-        norm_options=noise,
-    )
+    model = make_run_net(rc, data.info, norm_options=noise)
     layers = [name for name, _ in model.named_activations()]
-    config = TrainConfig(
-        optimizer=rc["optimizer"],
-        lr=rc["lr"],
-        momentum=rc["momentum"],
-        batch_size=rc["batch_size"],
-        steps=rc["steps"],
-        eval_every=rc["eval_every"],
-        log_every=rc["log_every"],
-    )
     schedule = ProbeSchedule(
         activation_probe(
-            test_set.tensors[0][: rc["probe_size"]],
+            data.test.tensors[0][: rc["probe_size"]],
             layers,
             seed=rc["seed"],
             units=rc["units"],
@@ -257,15 +235,13 @@ def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
         steps=range(0, rc["steps"] + 1, rc["probe_every"]),
         name="activations",
     )
-    result = train(
+    result = train_run(
         model,
-        train_set,
-        config=config,
-        test_set=test_set,
+        data,
+        rc,
+        ctx,
+        config=run_train_config(rc),
         probes=[schedule],
-        seed=rc["seed"],
-        device=ctx.device,
-        progress=ctx.progress,
         desc=f"noisy_bn {rc['norm']} s{rc['seed']}",
     )
     return result.records
@@ -378,8 +354,7 @@ def _training_figure(df: pd.DataFrame, norms: list[str], palette: dict[str, str]
         )
         ax.set(title=title, xlabel="training step", ylabel=ylabel)
     axes[3].set_yscale("log")
-    handles, labels = axes[0].get_legend_handles_labels()
-    axes[0].legend(handles, [NORM_LABELS.get(n, n) for n in labels], loc="upper right")
+    labeled_legend(axes[0], loc="upper right")
     fig.tight_layout()
     save_figure(fig, out_dir, "noisy_bn_training")
 

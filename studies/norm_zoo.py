@@ -114,10 +114,10 @@ from probes.functional import norm_mode, probe_guard
 from probes.hessian import hessian_eigenvalues, hessian_trace
 from probes.ics import ics_gradient_change
 from probes.smoothness import landscape_along_gradient
-from studies.lab.data import dataset_info, load_dataset, run_data_options
 from studies.lab.nets import make_net
+from studies.lab.runs import load_run_data, make_run_net, run_train_config
 from studies.lab.study import RunContext, Study
-from studies.lab.train import ProbeContext, ProbeSchedule, TrainConfig, train
+from studies.lab.train import ProbeContext, ProbeSchedule, train
 
 ARCH_LABELS = {"mlp": "MLP", "vgg": "VGG", "resnet": "ResNet", "transformer": "Transformer"}
 #: Per-run metrics of the table and figure: column → axis label (figure rows, in this order).
@@ -326,26 +326,15 @@ def zoo_probes(batch: tuple[Tensor, Tensor], rc: dict[str, Any]) -> dict[str, Pr
 
 def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
     """Train one net; a main run is probed at the end (and at init), a ladder run only trained."""
-    train_set, test_set = load_dataset(rc["dataset"], **run_data_options(rc))
-    info = dataset_info(train_set)
+    data = load_run_data(rc)
+    train_set, test_set, info = data.train, data.test, data.info
     depth, width = net_size(rc, rc["arch"])
-    torch.manual_seed(rc["seed"])
-    model = make_net(
-        rc["arch"],
-        norm=rc["norm"],
-        in_shape=info.in_shape,
-        num_classes=info.num_classes,
-        depth=depth,
-        width=width,
-        init=rc["init"],
-    )
+    model = make_run_net(rc, info, depth=depth, width=width)
     main = rc["kind"] == "main"
     steps = rc["steps"] if main else rc["ladder_steps"]
-    config = TrainConfig(
+    config = run_train_config(
+        rc,
         optimizer="sgd",
-        lr=rc["lr"],
-        momentum=rc["momentum"],
-        batch_size=rc["batch_size"],
         steps=steps,
         eval_every=max(steps, 1),
         log_every=rc["log_every"] if main else rc["ladder_log_every"],

@@ -64,14 +64,13 @@ import torch
 from torch import Tensor
 
 from analysis.claims import Claim, test_claim
-from analysis.style import NORM_LABELS, norm_palette, save_figure, use_style
+from analysis.style import NORM_LABELS, labeled_legend, norm_palette, save_figure, use_style
 from probes.activations import capture_layer_inputs
 from probes.functional import norm_mode
 from probes.smoothness import landscape_along_gradient
-from studies.lab.data import dataset_info, load_dataset, run_data_options
-from studies.lab.nets import make_net
+from studies.lab.runs import load_run_data, make_run_net, run_train_config, train_run
 from studies.lab.study import RunContext, Study
-from studies.lab.train import ProbeContext, ProbeSchedule, TrainConfig, train
+from studies.lab.train import ProbeContext, ProbeSchedule
 
 #: Network variants: name → (norm, placement). Without a norm the placement is moot ("before").
 VARIANTS: dict[str, tuple[str, str]] = {
@@ -222,30 +221,9 @@ def landscape_probe(
 
 def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
     """Train one (arch, activation, variant, lr, seed) with the saturation and landscape probes."""
-    train_set, test_set = load_dataset(rc["dataset"], **run_data_options(rc))
-    info = dataset_info(train_set)
-    torch.manual_seed(rc["seed"])
-    model = make_net(
-        rc["arch"],
-        norm=rc["norm"],
-        in_shape=info.in_shape,
-        num_classes=info.num_classes,
-        depth=rc["depth"],
-        width=rc["width"],
-        activation=rc["activation"],
-        placement=rc["placement"],
-        init=rc["init"],
-    )
-    config = TrainConfig(
-        optimizer="sgd",
-        lr=rc["lr"],
-        momentum=rc["momentum"],
-        batch_size=rc["batch_size"],
-        steps=rc["steps"],
-        eval_every=rc["eval_every"],
-        log_every=rc["log_every"],
-    )
-    probe_x = test_set.tensors[0][: rc["probe_size"]]
+    data = load_run_data(rc)
+    model = make_run_net(rc, data.info)
+    probe_x = data.test.tensors[0][: rc["probe_size"]]
     schedules = [
         ProbeSchedule(
             saturation_probe(probe_x, rc["activation"], rc["probe_bn"]),
@@ -258,15 +236,13 @@ def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
             name="landscape",
         ),
     ]
-    result = train(
+    result = train_run(
         model,
-        train_set,
-        config=config,
-        test_set=test_set,
+        data,
+        rc,
+        ctx,
+        config=run_train_config(rc, optimizer="sgd"),
         probes=schedules,
-        seed=rc["seed"],
-        device=ctx.device,
-        progress=ctx.progress,
         desc=f"placement {rc['arch']} {rc['activation']} {rc['variant']} lr{rc['lr']:g} s{rc['seed']}",
     )
     return result.records
@@ -400,8 +376,7 @@ def analyze(df: pd.DataFrame, config: Config, out_dir: Path) -> list[Claim]:
     sns.pointplot(
         final, **style, dodge=0.53, errorbar=None, markers="_", linestyles="none", ax=ax, legend=False
     )
-    handles, names = ax.get_legend_handles_labels()
-    ax.legend(handles, [VARIANT_LABELS.get(n, n) for n in names], loc="best", fontsize="small")
+    labeled_legend(ax, VARIANT_LABELS, loc="best", fontsize="small")
     ax.set(title="final test accuracy (dots: seeds, bars: means)", xlabel="", ylabel="test accuracy")
     fig.tight_layout()
     save_figure(fig, out_dir, "placement_accuracy")

@@ -75,10 +75,9 @@ import torch
 from analysis.claims import Claim, test_claim
 from analysis.style import NORM_LABELS, norm_palette, ordered_norms, save_figure, use_style
 from probes.gradients import effective_learning_rates, scale_invariance
-from studies.lab.data import dataset_info, load_dataset, run_data_options
-from studies.lab.nets import make_net
+from studies.lab.runs import load_run_data, make_run_net, run_train_config, train_run
 from studies.lab.study import RunContext, Study
-from studies.lab.train import ProbeContext, ProbeSchedule, TrainConfig, lr_at, train
+from studies.lab.train import ProbeContext, ProbeSchedule, lr_at
 
 SOURCE_A = "Arora, Li & Lyu 2019 (auto rate-tuning by batch normalization)"
 SOURCE_K = "Kohler et al. 2019 (length-direction decoupling); Arora, Li & Lyu 2019"
@@ -205,31 +204,11 @@ def invariance_probe(
 
 def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
     """Train with plain SGD; track ‖W‖² every update and probe invariance every ``probe_every``."""
-    train_set, test_set = load_dataset(rc["dataset"], **run_data_options(rc))
-    info = dataset_info(train_set)
-    torch.manual_seed(rc["seed"])
-    model = make_net(
-        "mlp",
-        norm=rc["norm"],
-        in_shape=info.in_shape,
-        num_classes=info.num_classes,
-        depth=rc["depth"],
-        width=rc["width"],
-        activation=rc["activation"],
-        init=rc["init"],
-    )
+    data = load_run_data(rc)
+    model = make_run_net(rc, data.info)
     hidden = [f"blocks.{i}.layer" for i in range(rc["depth"])]
     modules = dict(model.named_modules())
     growth = NormGrowth({n: modules[n] for n in hidden}, rc["weight_decay"])
-    config = TrainConfig(
-        optimizer="sgd",
-        lr=rc["lr"],
-        weight_decay=rc["weight_decay"],
-        batch_size=rc["batch_size"],
-        steps=rc["steps"],
-        eval_every=rc["eval_every"],
-        log_every=rc["probe_every"],
-    )
     schedules = [
         ProbeSchedule(growth.probe, every=rc["probe_every"], name="norm_growth"),
         ProbeSchedule(
@@ -238,15 +217,13 @@ def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
             name="invariance",
         ),
     ]
-    result = train(
+    result = train_run(
         model,
-        train_set,
-        config=config,
-        test_set=test_set,
+        data,
+        rc,
+        ctx,
+        config=run_train_config(rc, optimizer="sgd", log_every=rc["probe_every"]),
         probes=schedules,
-        seed=rc["seed"],
-        device=ctx.device,
-        progress=ctx.progress,
         desc=f"scale_invariance {rc['norm']} wd{rc['weight_decay']:g} s{rc['seed']}",
         on_step=growth.on_step,
     )

@@ -87,7 +87,7 @@ import torch
 from torch import nn
 
 from analysis.claims import Claim, test_claim
-from analysis.style import NORM_LABELS, save_figure, use_style
+from analysis.style import NORM_LABELS, labeled_legend, save_figure, use_style
 from probes.conditioning import (
     gd_iterations_to_tolerance,
     layer_input_conditioning,
@@ -95,10 +95,9 @@ from probes.conditioning import (
     make_least_squares,
     normalization_disturbance,
 )
-from studies.lab.data import dataset_info, load_dataset, run_data_options
-from studies.lab.nets import make_net
+from studies.lab.runs import load_run_data, make_run_net, run_train_config, train_run
 from studies.lab.study import RunContext, Study
-from studies.lab.train import ProbeContext, ProbeSchedule, TrainConfig, train
+from studies.lab.train import ProbeContext, ProbeSchedule
 
 #: Network variants of parts (b, c): the norm ``make_net`` builds and its options (group size added).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -303,21 +302,6 @@ def least_squares_rows(rc: dict[str, Any]) -> list[dict[str, Any]]:
 # (b, c) training with conditioning probes
 
 
-def _build_net(rc: dict[str, Any], norm: str, norm_options: dict[str, Any], in_shape, num_classes: int):
-    torch.manual_seed(rc["seed"])
-    return make_net(
-        "mlp",
-        norm=norm,
-        in_shape=in_shape,
-        num_classes=num_classes,
-        depth=rc["depth"],
-        width=rc["width"],
-        activation=rc["activation"],
-        init=rc["init"],
-        norm_options=norm_options,
-    )
-
-
 def conditioning_sites(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
     """Module name → (site, module) whose input is measured: every hidden activation (its input is the
     norm's output, ``norm_output``) and every linear layer after the first (``layer_input``)."""
@@ -346,36 +330,24 @@ def conditioning_probe(probe_batch: tuple[torch.Tensor, torch.Tensor], bn: str =
 
 
 def training_rows(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
-    train_set, test_set = load_dataset(rc["dataset"], **run_data_options(rc))
-    info = dataset_info(train_set)
+    data = load_run_data(rc)
     norm, options = VARIANTS[rc["variant"]]
     if norm in ("dbn", "iternorm"):
         options = {**options, "group_size": rc["group_size"]}
     if norm == "iternorm":
         options = {**options, "iterations": rc["iterations"]}
-    model = _build_net(rc, norm, options, info.in_shape, info.num_classes)
-    probe_batch = (train_set.tensors[0][: rc["probe_size"]], train_set.tensors[1][: rc["probe_size"]])
-    config = TrainConfig(
-        optimizer="sgd",
-        lr=rc["lr"],
-        momentum=rc["momentum"],
-        batch_size=rc["batch_size"],
-        steps=rc["steps"],
-        eval_every=rc["eval_every"],
-        log_every=rc["log_every"],
-    )
+    model = make_run_net(rc, data.info, norm=norm, norm_options=options)
+    probe_batch = (data.train.tensors[0][: rc["probe_size"]], data.train.tensors[1][: rc["probe_size"]])
     schedule = ProbeSchedule(
         conditioning_probe(probe_batch, rc["probe_bn"]), every=rc["probe_every"], name="conditioning"
     )
-    result = train(
+    result = train_run(
         model,
-        train_set,
-        config=config,
-        test_set=test_set,
+        data,
+        rc,
+        ctx,
+        config=run_train_config(rc, optimizer="sgd"),
         probes=[schedule],
-        seed=rc["seed"],
-        device=ctx.device,
-        progress=ctx.progress,
         desc=f"whitening {rc['variant']} s{rc['seed']}",
     )
     return result.records
@@ -388,13 +360,12 @@ def training_rows(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
 def disturbance_rows(rc: dict[str, Any]) -> list[dict[str, Any]]:
     """SND of BN, ZCA and IterNorm over batch and group sizes, on the second hidden layer's
     pre-activations of the no-norm MLP at initialization (``snd_samples`` examples chosen by the seed)."""
-    train_set, _ = load_dataset(rc["dataset"], **run_data_options(rc))
-    info = dataset_info(train_set)
+    data = load_run_data(rc)
     if rc["depth"] < 2:
         raise ValueError("disturbance: needs depth >= 2 (measured at the second hidden layer)")
-    model = _build_net(rc, "none", {}, info.in_shape, info.num_classes)
-    chosen = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(rc["seed"]))
-    x = train_set.tensors[0][chosen[: rc["snd_samples"]]]
+    model = make_run_net(rc, data.info, norm="none", norm_options={})
+    chosen = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(rc["seed"]))
+    x = data.train.tensors[0][chosen[: rc["snd_samples"]]]
     with torch.no_grad():
         h = model.blocks[1].layer(model.blocks[0](x.flatten(1)))  # (snd_samples, width)
     rows = []
@@ -662,8 +633,7 @@ def analyze(df: pd.DataFrame, config: Config, out_dir: Path) -> list[Claim]:
     ax_loss.set(
         title="(c) training loss: PCA vs ZCA whitening", xlabel="training step", ylabel="minibatch loss"
     )
-    handles, labels = ax_loss.get_legend_handles_labels()
-    ax_loss.legend(handles, [LABELS.get(v, v) for v in labels], loc="upper right", fontsize="small")
+    labeled_legend(ax_loss, LABELS, loc="upper right", fontsize="small")
 
     snd = df[(df["probe"] == "normalization_disturbance") & (df["metric"] == "snd_mean")]
     whitening = snd[snd["layer"] != "bn"].copy()
