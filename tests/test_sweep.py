@@ -505,3 +505,33 @@ def test_status_probes_do_not_make_a_sweep_skip_a_run(tmp_path):
     assert all(claims)
     with store.claim("r") as mine, store.claim("r") as other:
         assert mine and not other  # a real holder still excludes
+
+
+def test_figures_are_the_same_files_every_time_and_the_rng_is_left_alone(tmp_path):
+    """Strip-plot jitter draws from numpy's global RNG: drawing is seeded, and the caller's state kept."""
+    import numpy as np
+
+    from studies.lab.sweep import analyze_study
+
+    def analyze(df, config, out_dir):
+        import matplotlib.pyplot as plt
+        import seaborn as sns
+
+        from analysis.style import save_figure
+
+        fig, ax = plt.subplots()
+        sns.stripplot(data=df, x="norm", y="value", ax=ax, jitter=0.3)
+        save_figure(fig, out_dir, "strip")
+        return []
+
+    study = Study(**{**SWEEP.__dict__, "analyze": analyze})
+    store = RunStore(tmp_path, "sweeptoy", "quick")
+    run_sweep(study, SweepConfig(seeds=3), store, log=quiet)
+    np.random.seed(123)  # noqa: NPY002
+    before = np.random.get_state()[1].copy()  # noqa: NPY002
+    analyze_study(study, SweepConfig(seeds=3), store)
+    first = {p.name: p.read_bytes() for p in store.figures_dir.iterdir()}
+    assert np.array_equal(np.random.get_state()[1], before)  # noqa: NPY002
+    np.random.uniform()  # noqa: NPY002  (another state: the figures must not depend on it)
+    analyze_study(study, SweepConfig(seeds=3), store)
+    assert {p.name: p.read_bytes() for p in store.figures_dir.iterdir()} == first

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import cloudpickle
+import numpy as np
 import submitit
 
 from studies.lab.store import RUN_STATES, RunStore, environment, make_run_id, write_json
@@ -449,6 +450,13 @@ def analyze_study(study: Study, config: Any, store: RunStore) -> list[Path]:
             f"no finished runs of {study.name!r} under {store.runs_dir}; run `whybn run {study.name}` first"
         )
     store.figures_dir.mkdir(parents=True, exist_ok=True)
-    claims = study.analyze(df, config, store.figures_dir)
+    # seaborn's strip-plot jitter draws from numpy's global RNG: seed it for the drawing (so a figure
+    # is the same file every time it is drawn from the same records) and give the caller its state back
+    state = np.random.get_state()  # noqa: NPY002
+    np.random.seed(0)  # noqa: NPY002
+    try:
+        claims = study.analyze(df, config, store.figures_dir)
+    finally:
+        np.random.set_state(state)  # noqa: NPY002
     write_claims(store.figures_dir / "claims.json", claims)
     return sorted(store.figures_dir.iterdir())
