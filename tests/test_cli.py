@@ -60,6 +60,17 @@ def test_all_runs_every_study(toy_registry, tmp_path, capsys):
     assert "4 run(s) done" in capsys.readouterr().out
 
 
+def test_all_with_worker_processes_gives_the_serial_records(toy_registry, tmp_path, capsys):
+    from studies.lab.store import RunStore
+
+    assert cli.main(["all", "--results", str(tmp_path / "one"), "--no-paper"]) == 0
+    assert cli.main(["all", "--results", str(tmp_path / "two"), "--no-paper", "--workers", "2"]) == 0
+    assert "4 run(s) done" in capsys.readouterr().out
+    one, two = (RunStore(tmp_path / d, "toy", "quick") for d in ("one", "two"))
+    assert one.run_ids(done=True) == two.run_ids(done=True) != []
+    assert all(one.load(r)[1] == two.load(r)[1] for r in one.run_ids())
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
