@@ -219,14 +219,14 @@ def hessian_operator(
     of the full Hessian). ``bn``: ``"batch"`` (the training loss, statistics-free) or ``"running"``.
     ``method``: ``"double_backward"``, ``"forward_over_reverse"`` or ``"auto"`` (:func:`auto_method`,
     picked per device type from these measurements: median time of one HVP / one gradient, CPU,
-    2 threads, float32, torch 2.13):
+    2 threads, float32, torch 2.13, train-mode BN; ``benchmarks/README.md``):
 
-    ================================  ===================  ====================
-    model (batch)                     double backward      forward-over-reverse
-    ================================  ===================  ====================
-    ResNet-20, bn, 3×32×32 (32)       1.90 (3.71 first)    3.54
-    MLP 40-100-100-100-10, bn (256)   1.22 (3.17 first)    3.86
-    ================================  ===================  ====================
+    ======================================  ===================  ====================
+    model (batch)                           double backward      forward-over-reverse
+    ======================================  ===================  ====================
+    ResNet-20 width 16, 1×28×28 (128)       1.87 (3.62 first)    3.32
+    MLP-10 width 100, MNIST-1D (256)        1.34 (3.93 first)    4.65
+    ======================================  ===================  ====================
 
     Double backward reuses the batch's gradient graph ("first": the first HVP, building it too).
     GPU: unmeasured (``benchmarks/hessian.py --device cuda`` measures both); until it is, ``auto``
