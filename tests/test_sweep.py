@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 ATTEMPTS = "WHYBN_TEST_ATTEMPTS"
 FAIL = "WHYBN_TEST_FAIL"
 SLEEP = "WHYBN_TEST_SLEEP"
+CRASH = "WHYBN_TEST_CRASH"
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ def sweep_run(rc: dict, ctx: RunContext) -> list[dict]:
         with open(os.environ[ATTEMPTS], "a") as f:
             f.write(f"{rc['norm']}-{rc['seed']} {os.getpid()}\n")
     time.sleep(float(os.environ.get(SLEEP, "0")))  # outside the config: a resumed sweep may be faster
+    if os.environ.get(CRASH) == f"{rc['norm']}-{rc['seed']}":  # a worker killed outright (OOM-like)
+        os._exit(137)
     if os.environ.get(FAIL) == rc["norm"]:  # outside the config: the same run succeeds once it is unset
         raise RuntimeError(f"boom in {rc['norm']}")
     if rc["diverge"]:
@@ -535,3 +538,17 @@ def test_figures_are_the_same_files_every_time_and_the_rng_is_left_alone(tmp_pat
     np.random.uniform()  # noqa: NPY002  (another state: the figures must not depend on it)
     analyze_study(study, SweepConfig(seeds=3), store)
     assert {p.name: p.read_bytes() for p in store.figures_dir.iterdir()} == first
+
+
+def test_a_worker_that_dies_fails_the_runs_in_flight_and_the_next_sweep_redoes_them(
+    tmp_path, attempt_log, monkeypatch
+):
+    store = RunStore(tmp_path, "sweeptoy", "quick")
+    config = SweepConfig(norms=("bn",), seeds=4)
+    monkeypatch.setenv(CRASH, "bn-1")
+    report = run_sweep(SWEEP, config, store, executor=ExecutorSpec(workers=2), log=quiet)
+    assert report.failed and all("worker process died" in r for r in report.failed.values())
+    assert len(report.ran) + len(report.failed) == 4 and len(store.run_ids(done=True)) == len(report.ran)
+    monkeypatch.delenv(CRASH)
+    again = run_sweep(SWEEP, config, store, executor=ExecutorSpec(workers=2), log=quiet)
+    assert again.ok and sorted(again.ran) == sorted(report.failed) and len(store.run_ids(done=True)) == 4

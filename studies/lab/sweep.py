@@ -358,22 +358,24 @@ def run_sweep(
             where = f"[{study.name} {position[outcome.run_id]}/{len(planned)}] {outcome.run_id}"
             log(f"{where}: {_describe(outcome)}")
 
-    if not todo:
-        pass
-    elif serial:
+    if serial:
         for task in todo:
             log(f"[{study.name} {position[task.run_id]}/{len(planned)}] {task.run_id}")
             record(execute_run(task))
-    elif executor.kind == "local":
+    elif todo and executor.kind == "local":
         _run_in_processes(todo, executor.workers, record)
-    else:
+    elif todo:
         _run_on_submitit(todo, executor, submitter, store, report, record, log)
     report.seconds = time.perf_counter() - start
     return report
 
 
 def _run_in_processes(tasks: list[RunTask], workers: int, record: Callable[[RunOutcome], None]) -> None:
-    """Tasks in ``workers`` fresh (spawned) processes; a worker that dies fails only its own runs."""
+    """Tasks in ``workers`` fresh (spawned) processes.
+
+    A worker that dies (killed for memory, a crash in native code) breaks the pool: the runs in flight
+    and those not started yet are reported failed ("worker process died"), without ``FAILED`` files, and
+    the next sweep redoes them; the runs finished before are kept."""
     context = multiprocessing.get_context("spawn")  # no fork of a process whose OpenMP threads are up
     with concurrent.futures.ProcessPoolExecutor(
         max_workers=min(workers, len(tasks)), mp_context=context
