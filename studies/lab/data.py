@@ -416,6 +416,18 @@ def _fashion_mnist_file(root: Path, name: str) -> Path | None:
     return None
 
 
+def _fashion_mnist_paths(root: str | os.PathLike[str] | None) -> dict[str, Path]:
+    """The four IDX files (``FASHION_MNIST_FILES`` keys → paths) under ``root`` > ``$WHYBN_FASHION_MNIST_DIR``
+    > the default directory; ``FileNotFoundError`` naming the directory and the missing files."""
+    directory, source = _resolve_root(root, FASHION_MNIST_ENV, FASHION_MNIST_DEFAULT_DIR)
+    assert directory is not None
+    files = {k: _fashion_mnist_file(directory, n) for k, n in FASHION_MNIST_FILES.items()}
+    missing = [FASHION_MNIST_FILES[k] for k, p in files.items() if p is None]
+    if missing:
+        raise _fashion_mnist_missing(directory, missing, source)
+    return {k: p for k, p in files.items() if p is not None}
+
+
 def _file_key(paths: list[Path]) -> tuple[Any, ...]:
     """Identity of files on disk for the in-process cache: path, size and modification time."""
     out = []
@@ -445,13 +457,7 @@ def load_fashion_mnist(
     mean and std of the returned train set (a single scalar pair); False leaves them in [0, 1].
     Inputs are ``(N, 1, 28, 28)`` float32.
     """
-    directory, source = _resolve_root(root, FASHION_MNIST_ENV, FASHION_MNIST_DEFAULT_DIR)
-    assert directory is not None
-    files = {k: _fashion_mnist_file(directory, n) for k, n in FASHION_MNIST_FILES.items()}
-    missing = [FASHION_MNIST_FILES[k] for k, p in files.items() if p is None]
-    if missing:
-        raise _fashion_mnist_missing(directory, missing, source)
-    paths = {k: p for k, p in files.items() if p is not None}
+    paths = _fashion_mnist_paths(root)
 
     def read() -> dict[str, np.ndarray]:
         raw = {k: read_idx(p, ndim=3 if k.endswith("images") else 1) for k, p in paths.items()}
@@ -472,7 +478,7 @@ def load_fashion_mnist(
     if standardize:
         x_train, x_test = _standardize(x_train, x_test, axis=(0, 1, 2, 3))
     options = {
-        "root": str(directory),
+        "root": str(paths["train_images"].parent),  # the directory the files were found in
         "n_train": n_train,
         "n_test": n_test,
         "seed": seed,
@@ -596,6 +602,20 @@ def _cifar10_dir(directory: Path) -> Path | None:
     return None
 
 
+def _cifar10_batches_dir(root: str | os.PathLike[str] | None) -> Path:
+    """The directory holding the CIFAR-10 batches (``root`` > ``$WHYBN_CIFAR10_DIR``, or its
+    ``cifar-10-batches-py/``); ``FileNotFoundError`` saying where it looked and how to get the data."""
+    directory, source = _resolve_root(root, CIFAR10_ENV, None)
+    if directory is None:
+        raise _cifar10_missing(None, source, "no directory given")
+    batches_dir = _cifar10_dir(directory)
+    if batches_dir is None:
+        raise _cifar10_missing(
+            directory, source, f"neither it nor {CIFAR10_SUBDIR}/ in it holds data_batch_1..5 and test_batch"
+        )
+    return batches_dir
+
+
 def _read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One pickle batch: a dict with ``b'data'`` (n, 3072) uint8 (channel-major 32×32 planes) and
     ``b'labels'`` (n ints). The files are pickles: load only the ones from the official archive."""
@@ -632,14 +652,7 @@ def load_cifar10(
     ``standardize`` (True) scales to [0, 1] and standardizes each channel with the returned train
     set's mean and std. Inputs are ``(N, 3, 32, 32)`` float32.
     """
-    directory, source = _resolve_root(root, CIFAR10_ENV, None)
-    if directory is None:
-        raise _cifar10_missing(None, source, "no directory given")
-    batches_dir = _cifar10_dir(directory)
-    if batches_dir is None:
-        raise _cifar10_missing(
-            directory, source, f"neither it nor {CIFAR10_SUBDIR}/ in it holds data_batch_1..5 and test_batch"
-        )
+    batches_dir = _cifar10_batches_dir(root)
     train_paths = [batches_dir / b for b in CIFAR10_TRAIN_BATCHES]
     test_path = batches_dir / CIFAR10_TEST_BATCH
 
@@ -695,28 +708,11 @@ def _loader(name: str) -> Callable[..., Splits]:
         raise KeyError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}") from None
 
 
-def _check_fashion_mnist_files(root: str | os.PathLike[str] | None = None) -> None:
-    directory, source = _resolve_root(root, FASHION_MNIST_ENV, FASHION_MNIST_DEFAULT_DIR)
-    assert directory is not None
-    missing = [n for n in FASHION_MNIST_FILES.values() if _fashion_mnist_file(directory, n) is None]
-    if missing:
-        raise _fashion_mnist_missing(directory, missing, source)
-
-
-def _check_cifar10_files(root: str | os.PathLike[str] | None = None) -> None:
-    directory, source = _resolve_root(root, CIFAR10_ENV, None)
-    if directory is None:
-        raise _cifar10_missing(None, source, "no directory given")
-    if _cifar10_dir(directory) is None:
-        raise _cifar10_missing(
-            directory, source, f"neither it nor {CIFAR10_SUBDIR}/ in it holds data_batch_1..5 and test_batch"
-        )
-
-
-#: The datasets read from local files, and the check that those files are there (without reading them).
-_FILE_CHECKS: dict[str, Callable[..., None]] = {
-    "fashion_mnist": _check_fashion_mnist_files,
-    "cifar10": _check_cifar10_files,
+#: The datasets read from local files, and how their files are found (without reading them): the
+#: function each loader calls first, so a check and a load cannot disagree.
+_FILE_CHECKS: dict[str, Callable[..., Any]] = {
+    "fashion_mnist": lambda root=None: _fashion_mnist_paths(root),
+    "cifar10": lambda root=None: _cifar10_batches_dir(root),
 }
 
 
