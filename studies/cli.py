@@ -160,6 +160,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _run_one(_study(args.study), args, args.set, args.seeds)
 
 
+def _state_counts(states: dict[str, list[str]]) -> str:
+    """``done 3  diverged 0  running 1 ...``: the number of runs in each of ``RUN_STATES``."""
+    return "  ".join(f"{state} {len(states[state])}" for state in RUN_STATES)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Counts of the runs of a study's last sweep by state, the failures with their reasons, the
     runs in progress with their host and process."""
@@ -167,9 +172,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         for name in STUDY_NAMES:
             store = RunStore(args.results, name, args.preset)
             if store.base.is_dir():
-                states = sweep_status(get_study(name), _saved_config(get_study(name), store), store)
-                counts = "  ".join(f"{state} {len(states[state])}" for state in RUN_STATES)
-                print(f"{name:<20} {counts}")
+                study = get_study(name)
+                print(f"{name:<20} {_state_counts(sweep_status(study, _saved_config(study, store), store))}")
             else:
                 print(f"{name:<20} not run (`whybn run {name} --preset {args.preset}`)")
         return 0
@@ -185,7 +189,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise CLIError(str(err)) from None
     total = sum(len(states[s]) for s in RUN_STATES)
     print(f"{study.name} ({args.preset}, {store.base}): {total} run(s)")
-    print("  " + "  ".join(f"{state} {len(states[state])}" for state in RUN_STATES))
+    print(f"  {_state_counts(states)}")
     for run_id in states["failed"]:
         failure = store.failure(run_id) or {}
         print(f"  failed   {run_id}: {failure.get('reason', '?')}")
