@@ -375,6 +375,13 @@ class FunctionalLoss:
         out = _forward(self.model, {**self.frozen, **self._as_dict(theta)}, x, self.bn)
         return check_loss(self.loss_fn(out, y))
 
+    def check(self) -> None:
+        """Evaluate every batch's loss once without gradients, under the state guard: ``ValueError``
+        now, not at first use, for a non-scalar loss or a batch of one under ``bn="batch"``."""
+        with probe_guard(self.model), torch.no_grad():
+            for b in range(len(self.batches)):
+                self.batch_loss(self.theta0, b)
+
     def __call__(self, theta: Tensor | dict[str, Tensor]) -> Tensor:
         """L(θ) = Σ_b (n_b/N) L_b(θ)."""
         return sum(w * self.batch_loss(theta, b) for b, w in enumerate(self.weights))
@@ -396,6 +403,7 @@ def functional_loss(
     *,
     params: nn.Module | Sequence[str] | Sequence[nn.Parameter] | None = None,
     bn: str = "batch",
+    check: bool = True,
 ) -> tuple[FunctionalLoss, Tensor]:
     """``(f, θ₀)``: the weighted mean loss f(θ) = Σ_b n_b L_b(θ) / Σ_b n_b of the chosen parameters.
 
@@ -403,14 +411,15 @@ def functional_loss(
     :func:`norm_mode` (``bn="batch"``: statistics-free batch statistics; ``"running"``: eval mode), so
     f is pure: no running statistic moves, no random layer draws, and it composes with ``torch.func``
     transforms (``grad``, ``jvp``, ``hessian``) as well as with ``torch.autograd``. θ₀ is the flat
-    current value of the chosen parameters (a detached copy). Validates its inputs (``ValueError``).
+    current value of the chosen parameters (a detached copy). Validates its inputs (``ValueError``);
+    with ``check=True`` it also evaluates each batch's loss once (:meth:`FunctionalLoss.check`) — a
+    caller whose first use of ``f`` is that same evaluation passes ``check=False`` and calls it itself.
     """
     chosen = resolve_params(model, params)
     pairs = as_batches(batches)
     f = FunctionalLoss(model, loss_fn, pairs, chosen, bn)
-    with probe_guard(model), torch.no_grad():
-        for b in range(len(pairs)):  # fail early: non-scalar loss, a batch of one under bn="batch"
-            f.batch_loss(f.theta0, b)
+    if check:
+        f.check()
     return f, f.theta0.clone()
 
 

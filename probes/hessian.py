@@ -64,6 +64,7 @@ def hessian_eigenvalues(
     bn: str = "batch",
     method: str = "lanczos",
     hvp: str = "auto",
+    cache_graphs: bool | None = None,
     max_matvecs: int | None = None,
     seed: int = 0,
     return_vectors: bool = False,
@@ -77,9 +78,14 @@ def hessian_eigenvalues(
     ``"LM"`` largest magnitude. ``tol``: the relative accuracy of the values (Lanczos stops on the
     estimated eigenvalue error, on the Ritz residual when ``return_vectors``; see
     :func:`probes.spectral.eigenvalues`).
-    ``hvp`` picks the Hessian-vector product (:func:`probes.hvp.hessian_operator`).
+    ``hvp`` picks the Hessian-vector product and ``cache_graphs`` whether each batch's gradient graph
+    is kept for all products (:func:`probes.hvp.hessian_operator`; default: kept for one batch, the
+    faster choice, while ``cache_graphs=False`` needs less memory: on ResNet-20, 2.1× a gradient's
+    tensor bytes instead of 3.0×, at 2.9× the time per product instead of 1.9×).
     """
-    with hessian_operator(model, loss_fn, batches, params=params, bn=bn, method=hvp) as op:
+    with hessian_operator(
+        model, loss_fn, batches, params=params, bn=bn, method=hvp, cache_graphs=cache_graphs
+    ) as op:
         result = spectral.eigenvalues(
             op,
             k=k,
@@ -103,6 +109,7 @@ def hessian_trace(
     params: Params = None,
     bn: str = "batch",
     hvp: str = "auto",
+    cache_graphs: bool | None = None,
     seed: int = 0,
     layer: str | None = None,
 ) -> TraceResult:
@@ -110,8 +117,11 @@ def hessian_trace(
 
     Hutchinson: tr H ≈ (1/m) Σ zᵢᵀ H zᵢ with Rademacher zᵢ; Hutch++ computes the trace of the top
     subspace exactly and applies Hutchinson to the deflated rest. ``stderr`` is the standard error.
+    ``hvp``, ``cache_graphs``: as in :func:`hessian_eigenvalues`.
     """
-    with hessian_operator(model, loss_fn, batches, params=params, bn=bn, method=hvp) as op:
+    with hessian_operator(
+        model, loss_fn, batches, params=params, bn=bn, method=hvp, cache_graphs=cache_graphs
+    ) as op:
         result = spectral.trace(op, n_probes=n_probes, method=method, seed=seed)
     return _relabel(result, layer or _layer_name(params), "hessian_trace")
 
@@ -128,6 +138,7 @@ def hessian_density(
     params: Params = None,
     bn: str = "batch",
     hvp: str = "auto",
+    cache_graphs: bool | None = None,
     seed: int = 0,
     layer: str | None = None,
 ) -> SpectralDensity:
@@ -135,9 +146,12 @@ def hessian_density(
 
     ``n_runs`` Lanczos runs of ``n_iter`` steps from random unit vectors; each gives Ritz values θⱼ
     and weights τⱼ² (squared first components of T's eigenvectors); the density
-    φ(t) = (1/runs) Σ τⱼ² N(t; θⱼ, σ²) integrates to 1.
+    φ(t) = (1/runs) Σ τⱼ² N(t; θⱼ, σ²) integrates to 1. ``hvp``, ``cache_graphs``: as in
+    :func:`hessian_eigenvalues`.
     """
-    with hessian_operator(model, loss_fn, batches, params=params, bn=bn, method=hvp) as op:
+    with hessian_operator(
+        model, loss_fn, batches, params=params, bn=bn, method=hvp, cache_graphs=cache_graphs
+    ) as op:
         result = spectral.density(op, n_iter=n_iter, n_runs=n_runs, sigma=sigma, grid=grid, seed=seed)
     return _relabel(result, layer or _layer_name(params), "hessian_density")
 
@@ -181,11 +195,15 @@ def hessian_outliers(
     params: Params = None,
     bn: str = "batch",
     hvp: str = "auto",
+    cache_graphs: bool | None = None,
     seed: int = 0,
     layer: str | None = None,
 ) -> OutlierResult:
-    """The outlier measures of Ghorbani et al. 2019 from the top-``num_classes`` eigenpairs of ∇²L."""
-    with hessian_operator(model, loss_fn, batches, params=params, bn=bn, method=hvp) as op:
+    """The outlier measures of Ghorbani et al. 2019 from the top-``num_classes`` eigenpairs of ∇²L.
+    ``hvp``, ``cache_graphs``: as in :func:`hessian_eigenvalues`."""
+    with hessian_operator(
+        model, loss_fn, batches, params=params, bn=bn, method=hvp, cache_graphs=cache_graphs
+    ) as op:
         eig = spectral.eigenvalues(op, k=num_classes, which="LA", tol=tol, seed=seed, return_vectors=True)
         gradient = op.gradient()
     # float32 Ritz vectors are orthonormal only to ~1e-6·√k: project on their span through a float64 QR

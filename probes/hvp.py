@@ -174,8 +174,12 @@ class HessianOperator:
         for b, w in enumerate(self._f.weights):
             if self.method == "double_backward":
                 theta, g, _ = self._graph(b)
+                last = cols.shape[1] - 1
                 for j in range(cols.shape[1]):
-                    (hv,) = torch.autograd.grad(g, theta, grad_outputs=cols[:, j], retain_graph=True)
+                    # an uncached graph is freed by its last product, node by node as the backward
+                    # pass goes: its peak memory is then about that of building it, not more
+                    keep = self.cache_graphs or j < last
+                    (hv,) = torch.autograd.grad(g, theta, grad_outputs=cols[:, j], retain_graph=keep)
                     out[:, j] += w * hv.detach()
             else:
                 grad_b = torch.func.grad(lambda t, b=b: self._f.batch_loss(t, b))
@@ -239,7 +243,7 @@ def hessian_operator(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    f, theta0 = functional_loss(model, loss_fn, batches, params=params, bn=bn)
+    f, theta0 = functional_loss(model, loss_fn, batches, params=params, bn=bn, check=False)
     if dtype is not None and dtype != theta0.dtype:
         raise ValueError(
             f"dtype: the model computes in {theta0.dtype}, not {dtype}; convert the model first "
@@ -249,4 +253,9 @@ def hessian_operator(
         method = auto_method(theta0.device)
     if cache_graphs is None:
         cache_graphs = len(f.batches) == 1
-    return HessianOperator(f, method=method, cache_graphs=cache_graphs)
+    op = HessianOperator(f, method=method, cache_graphs=cache_graphs)
+    if method == "double_backward" and cache_graphs:
+        op._evaluate()  # builds the graphs every HVP reuses; its forward passes validate the batches
+    else:
+        f.check()  # fail now, not at the first product: non-scalar loss, a batch of one under "batch"
+    return op

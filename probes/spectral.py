@@ -578,7 +578,9 @@ def _lanczos_run(
     k_run = min(k, n_free)
     m_max = ncv if ncv is not None else max(2 * k + 20, 40)
     m_max = min(n_free, max(m_max, k_run + 2 * b))  # room for k kept vectors and two blocks
-    V = torch.zeros(n, m_max + b, dtype=op.dtype, device=op.device)  # basis and the next block
+    # basis and the next block, one contiguous row per vector (a column of V is contiguous): filling a
+    # column then touches one vector's memory, not a stride across all of it
+    V = torch.zeros(m_max + b, n, dtype=op.dtype, device=op.device).T
     T = np.zeros((m_max + b, m_max + b))
     Q0 = _randn(n, min(b, n_free), g, op)
     for _ in range(2):

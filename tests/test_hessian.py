@@ -152,3 +152,29 @@ def test_every_probe_leaves_the_model_as_found(probe, name):
     state = ModelState.capture(case.model)
     probe(case)
     assert state.differences(case.model) == []
+
+
+@pytest.mark.parametrize("name", ["mlp-bn", "vgg-gn"])
+def test_cache_graphs_false_gives_the_same_answers(name):
+    """The memory-lean mode (a fresh gradient graph per product) computes the same Hessian: equal
+    values, equal product counts, and the model is left as found."""
+    case = CASES[name]()
+    exact = exact_spectrum(case)
+    results = {}
+    for cache in (True, False):
+        state = ModelState.capture(case.model)
+        common = dict(bn=case.bn, cache_graphs=cache)
+        results[cache] = (
+            hessian_eigenvalues(case.model, case.loss_fn, case.batches, k=2, tol=1e-10, **common),
+            hessian_trace(case.model, case.loss_fn, case.batches, n_probes=8, **common),
+            hessian_density(case.model, case.loss_fn, case.batches, n_iter=6, n_runs=2, **common),
+            hessian_outliers(case.model, case.loss_fn, case.batches, num_classes=2, tol=1e-10, **common),
+        )
+        assert state.differences(case.model) == []
+    (eig_c, tr_c, den_c, out_c), (eig_f, tr_f, den_f, out_f) = results[True], results[False]
+    np.testing.assert_allclose(eig_f.values, exact[::-1][:2], rtol=1e-8)
+    np.testing.assert_allclose(eig_f.values, eig_c.values, rtol=1e-10)
+    assert eig_f.n_matvecs == eig_c.n_matvecs
+    assert tr_f.value == pytest.approx(tr_c.value, rel=1e-10)
+    np.testing.assert_allclose(den_f.density, den_c.density, rtol=1e-8, atol=1e-12)
+    assert out_f.gradient_fraction == pytest.approx(out_c.gradient_fraction, rel=1e-8)

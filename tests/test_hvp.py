@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from probes.functional import ModelState, norm_mode
+from probes.functional import ModelState, functional_loss, norm_mode
 from probes.hvp import HessianOperator, auto_method, hessian_operator
 from tests.cases import CASES, explicit_hessian, make_batch, set_running_stats, tiny_net
 
@@ -271,3 +271,26 @@ def test_torch_batchnorm_in_a_users_model_is_right_with_both_methods():
         with hessian_operator(users, F.cross_entropy, (x, y), bn="batch", method=method) as op:
             torch.testing.assert_close(dense(op), expected, rtol=1e-10, atol=1e-12)
     assert state.differences(users) == []
+
+
+def test_cached_graph_is_built_with_the_operator_and_validates_the_batches():
+    """With one batch and double backward the operator builds its gradient graph at once (that forward
+    pass is the input check, so there is no second one): the gradient is ready, no product has been
+    counted, the model is untouched, and a non-scalar loss fails at construction."""
+    case = CASES["mlp-bn"]()
+    state = ModelState.capture(case.model)
+    op = hessian_operator(case.model, case.loss_fn, case.batches, method="double_backward")
+    assert op._graphs_ready() and op.n_matvecs == 0
+    assert state.differences(case.model) == []
+    f, theta = functional_loss(case.model, case.loss_fn, case.batches, bn="batch")
+    torch.testing.assert_close(op.gradient(), torch.func.grad(f)(theta), rtol=1e-10, atol=1e-12)
+    for cache in (True, False):
+        with pytest.raises(ValueError, match="scalar"):
+            hessian_operator(
+                case.model,
+                lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none"),
+                case.batches,
+                method="double_backward",
+                cache_graphs=cache,
+            )
+    assert state.differences(case.model) == []
