@@ -180,12 +180,12 @@ class HessianOperator:
                     # pass goes: its peak memory is then about that of building it, not more
                     keep = self.cache_graphs or j < last
                     (hv,) = torch.autograd.grad(g, theta, grad_outputs=cols[:, j], retain_graph=keep)
-                    out[:, j] += w * hv.detach()
+                    out[:, j].add_(hv.detach(), alpha=w)
             else:
                 grad_b = torch.func.grad(lambda t, b=b: self._f.batch_loss(t, b))
                 for j in range(cols.shape[1]):
                     _, hv = torch.func.jvp(grad_b, (self._f.theta0,), (cols[:, j],))
-                    out[:, j] += w * hv.detach()
+                    out[:, j].add_(hv.detach(), alpha=w)
         return out
 
     def _evaluate(self) -> None:

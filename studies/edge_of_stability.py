@@ -68,7 +68,7 @@ from analysis.style import NORM_LABELS, labeled_legend, norm_palette, ordered_no
 from probes.hessian import hessian_eigenvalues
 from studies.lab.runs import load_run_data, make_run_net, run_train_config, train_run
 from studies.lab.study import RunContext, Study
-from studies.lab.train import ProbeContext, ProbeFailure, ProbeSchedule
+from studies.lab.train import ProbeContext, ProbeSchedule, require_converged
 
 SOURCE = "Cohen, Kaur, Li, Kolter & Talwalkar 2021, Fig. 1"
 SOURCE_BN = "Cohen, Kaur, Li, Kolter & Talwalkar 2021 (networks with batch normalization)"
@@ -158,12 +158,7 @@ def sharpness_probe(
             seed=seed,
             max_matvecs=max_matvecs,
         )
-        if not result.converged:
-            estimate = f"{result.values[0]:.6g}" if len(result.values) else "none"
-            raise ProbeFailure(
-                f"Lanczos did not converge: the top Hessian eigenvalue (estimate {estimate}) "
-                f"did not reach tol {tol:g} within {result.n_matvecs} matvecs"
-            )
+        require_converged(result, "the top Hessian eigenvalue", tol)
         return [
             {"metric": "lambda_max", "value": float(result.values[0])},
             {"metric": "n_matvecs", "value": result.n_matvecs},

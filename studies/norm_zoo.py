@@ -117,7 +117,7 @@ from probes.smoothness import landscape_along_gradient
 from studies.lab.nets import make_net
 from studies.lab.runs import load_run_data, make_run_net, run_train_config
 from studies.lab.study import RunContext, Study
-from studies.lab.train import ProbeContext, ProbeSchedule, train
+from studies.lab.train import ProbeContext, ProbeSchedule, require_converged, train
 
 ARCH_LABELS = {"mlp": "MLP", "vgg": "VGG", "resnet": "ResNet", "transformer": "Transformer"}
 #: Per-run metrics of the table and figure: column → axis label (figure rows, in this order).
@@ -279,6 +279,7 @@ def zoo_probes(batch: tuple[Tensor, Tensor], rc: dict[str, Any]) -> dict[str, Pr
     def hessian(ctx: ProbeContext) -> list[dict[str, Any]]:
         b = on_device(ctx)
         eig = hessian_eigenvalues(ctx.model, ctx.loss_fn, b, k=1, tol=rc["eig_tol"], seed=rc["seed"])
+        require_converged(eig, "λmax of the Hessian", rc["eig_tol"])  # else a failed row, not a value
         trace = hessian_trace(ctx.model, ctx.loss_fn, b, n_probes=rc["trace_probes"], seed=rc["seed"])
         return [
             {"metric": "lambda_max", "value": float(eig.values[0])},

@@ -10,6 +10,7 @@ import math
 from dataclasses import replace
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -126,3 +127,40 @@ def test_bad_budget_is_a_clear_error(budget):
     ctx = SimpleNamespace(model=model, loss_fn=eos.squared_loss, batch=(x, y))
     with pytest.raises(ValueError, match="max_matvecs must be a positive integer"):
         eos.sharpness_probe(1e-3, 0, max_matvecs=budget)(ctx)
+
+
+def test_norm_zoo_hessian_probe_refuses_an_unconverged_lambda_max(monkeypatch):
+    """norm_zoo records λmax only when Lanczos vouches for it: an unconverged result (forced by a
+    stand-in eigensolver) raises ProbeFailure with the estimate, tol and budget; a converged one is kept."""
+    from probes.spectral import EigenResult
+    from studies import norm_zoo
+
+    def stand_in(converged):
+        def eig(*args, **kwargs):
+            return EigenResult(
+                values=np.array([7.5]), vectors=None, n_matvecs=40, converged=converged, which="LA"
+            )
+
+        return eig
+
+    torch.manual_seed(0)
+    model = make_net("mlp", norm="bn", in_shape=(40,), num_classes=10, depth=2, width=8)
+    batch = (torch.randn(16, 40), torch.randint(0, 10, (16,)))
+    rc = {
+        "eig_tol": 1e-3,
+        "seed": 0,
+        "trace_probes": 4,
+        "lr": 0.1,
+        "step_multipliers": (1.0,),
+        "batch_size": 8,
+    }
+    ctx = SimpleNamespace(model=model, loss_fn=nn.functional.cross_entropy, device=torch.device("cpu"))
+    probe = norm_zoo.zoo_probes(batch, rc)["hessian"]
+    monkeypatch.setattr(norm_zoo, "hessian_eigenvalues", stand_in(False))
+    with pytest.raises(
+        ProbeFailure, match=r"λmax of the Hessian \(estimate 7\.5\) did not reach tol 0\.001 within 40"
+    ):
+        probe(ctx)
+    monkeypatch.setattr(norm_zoo, "hessian_eigenvalues", stand_in(True))
+    rows = {r["metric"]: r["value"] for r in probe(ctx)}
+    assert rows["lambda_max"] == 7.5 and math.isfinite(rows["trace"])

@@ -71,6 +71,7 @@ __all__ = [
     "lr_factor",
     "make_optimizer",
     "make_scheduler",
+    "require_converged",
     "set_seed",
     "train",
 ]
@@ -327,6 +328,18 @@ class ProbeFailure(RuntimeError):
     Its message is the human-readable reason, with the numbers that matter (budget spent, tolerance).
     The training loop records it as the probe's ``failed`` row (``reason`` = the message) and goes on.
     """
+
+
+def require_converged(result: Any, what: str, tol: float) -> Any:
+    """``result`` (an eigenvalue result with ``values``, ``converged`` and ``n_matvecs``) if Lanczos
+    converged, else :class:`ProbeFailure` naming ``what``, the estimate, ``tol`` and the matvecs spent."""
+    if not result.converged:
+        estimate = f"{result.values[0]:.6g}" if len(result.values) else "none"
+        raise ProbeFailure(
+            f"Lanczos did not converge: {what} (estimate {estimate}) "
+            f"did not reach tol {tol:g} within {result.n_matvecs} matvecs"
+        )
+    return result
 
 
 def failure_reason(error: BaseException) -> str:
