@@ -3,6 +3,7 @@
 Run in the benchmark environment (benchmarks/setup.sh builds benchmarks/.venv):
 
     benchmarks/.venv/bin/python benchmarks/hessian.py [--quick] [--device cpu|cuda] [--threads 2]
+        [--only ResNet-20|MLP-10] [--sections 1,2,3]
 
 Problems (both in train mode with BN, i.e. the loss being trained, at a seeded initialization):
   * ResNet-20 (width 16) on real Fashion-MNIST 1×28×28 (no 3-channel data set is available offline here);
@@ -10,7 +11,9 @@ Problems (both in train mode with BN, i.e. the loss being trained, at a seeded i
 
 Sections: 1. time of one HVP / one gradient; 2. top-1 / top-5 eigenvalues (value, wall time, HVPs, relative
 error vs a float64 whybn Lanczos reference with a tight tolerance); 3. peak memory of one HVP vs one gradient
-(fresh subprocess per measurement: peak RSS VmHWM, reset with /proc/self/clear_refs, on CPU, torch.cuda.max_memory_allocated on CUDA); 4. targets.
+(fresh subprocess per measurement; on CPU both the peak RSS, VmHWM reset with /proc/self/clear_refs, and the
+peak of live tensor bytes from the profiler's memory events; on CUDA torch.cuda.max_memory_allocated);
+4. targets.
 
 PyHessian "as-is on train mode": ``hessian(model, crit, dataloader=[(x, y)], cuda=False)`` and then
 ``model.train()``: with ``dataloader=`` PyHessian re-runs the forward for every HVP (its ``data=`` path runs the

@@ -6,7 +6,8 @@ Runs in the project's environment (no peer tools needed)::
 
 Same problems as ``benchmarks/hessian.py`` (train-mode BN at a seeded initialization). Each probe's wall
 time is a median over repetitions after a warm-up, divided by the median time of one plain gradient
-(forward + backward) on the same batch, the two timed alternately. Bounds from the issue: ``ics_gradient_change`` ≤ layers + 1
+(forward + backward) on the same batch, the two timed alternately; "paired IQR" is the interquartile
+range of the per-repetition ratios. Bounds from the issue: ``ics_gradient_change`` ≤ layers + 1
 gradients, ``landscape_along_gradient`` ≤ grid size + 1 gradients. The probes' own counts
 (``ICSResult.n_gradients``, ``Landscape.n_grad_evals``) are printed next to the measured ratios.
 """
@@ -54,8 +55,11 @@ def trained_optimizer(model, x, y) -> torch.optim.Optimizer:
     return opt
 
 
-def interleaved_medians(probe, gradient, device: torch.device, reps: int) -> tuple[float, float]:
-    """Median wall times of ``probe`` and of ``gradient``, timed alternately after one warm-up each.
+def interleaved_medians(
+    probe, gradient, device: torch.device, reps: int
+) -> tuple[float, float, tuple[float, float]]:
+    """Median wall times of ``probe`` and of ``gradient``, timed alternately after one warm-up each, and
+    the quartiles of the paired ratios probe_i / gradient_i (the spread of the ratio over repetitions).
 
     Alternating the two cancels slow drifts of the machine (frequency, other load) that would bias a ratio
     of two medians taken minutes apart."""
@@ -64,7 +68,9 @@ def interleaved_medians(probe, gradient, device: torch.device, reps: int) -> tup
     for _ in range(reps):
         tg.append(timed(gradient, device)[0])
         tp.append(timed(probe, device)[0])
-    return statistics.median(tp), statistics.median(tg)
+    paired = [p / g for p, g in zip(tp, tg, strict=True)]
+    q = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
+    return statistics.median(tp), statistics.median(tg), (q[0], q[2])
 
 
 def run(spec: dict, device: torch.device, reps: int) -> list[list[str]]:
@@ -107,12 +113,22 @@ def run(spec: dict, device: torch.device, reps: int) -> list[list[str]]:
     }
     rows = []
     for name, (fn, bound_text, bound) in probes.items():
-        t, g = interleaved_medians(fn, lambda: plain_gradient(model, x, y), device, reps)
+        t, g, (q1, q3) = interleaved_medians(fn, lambda: plain_gradient(model, x, y), device, reps)
         ratio = t / g
         verdict = "" if bound is None else ("✓" if ratio <= bound else "✗")
-        rows.append([spec["name"], name, f"{t * 1e3:.1f} ms", f"{ratio:.2f}", bound_text, verdict])
+        rows.append(
+            [
+                spec["name"],
+                name,
+                f"{t * 1e3:.1f} ms",
+                f"{ratio:.2f}",
+                f"{q1:.2f}–{q3:.2f}",
+                bound_text,
+                verdict,
+            ]
+        )
     rows.insert(
-        0, [spec["name"], "one gradient", f"{grad_time * 1e3:.1f} ms", "1.00", f"{n_layers} layers", ""]
+        0, [spec["name"], "one gradient", f"{grad_time * 1e3:.1f} ms", "1.00", "", f"{n_layers} layers", ""]
     )
     return rows
 
@@ -133,7 +149,7 @@ def main() -> None:
         f"probe cost in gradients — {platform.processor() or platform.machine()}, {args.threads} threads, "
         f"torch {torch.__version__}, device {device}{' (quick)' if args.quick else ''}"
     )
-    print(table(["problem", "probe", "time", "÷ gradient", "bound / own count", ""], rows))
+    print(table(["problem", "probe", "time", "÷ gradient", "paired IQR", "bound / own count", ""], rows))
 
 
 if __name__ == "__main__":

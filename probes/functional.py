@@ -350,10 +350,23 @@ class FunctionalLoss:
             for n, t in [*model.named_parameters(), *model.named_buffers()]
             if n not in chosen_names
         }
-        self.theta0 = torch.cat([p.detach().reshape(-1) for _, p in chosen]).clone()
+        self.theta0 = torch.cat([p.detach().reshape(-1) for _, p in chosen])  # cat copies: θ₀ is private
         self.sizes = [int(x.shape[0]) for x, _ in batches]
         self.total = sum(self.sizes)
         self.weights = [n / self.total for n in self.sizes]  # n_b / N
+
+    @classmethod
+    def of(
+        cls,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        batches: tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]],
+        *,
+        params: nn.Module | Sequence[str] | Sequence[nn.Parameter] | None = None,
+        bn: str = "batch",
+    ) -> FunctionalLoss:
+        """The loss of ``model`` on ``batches`` as a function of ``params`` (validated, not evaluated)."""
+        return cls(model, loss_fn, as_batches(batches), resolve_params(model, params), bn)
 
     def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
         """Flat θ ``(n,)`` → ``{name: tensor of the parameter's shape}`` (views, differentiable)."""
@@ -415,9 +428,7 @@ def functional_loss(
     with ``check=True`` it also evaluates each batch's loss once (:meth:`FunctionalLoss.check`) — a
     caller whose first use of ``f`` is that same evaluation passes ``check=False`` and calls it itself.
     """
-    chosen = resolve_params(model, params)
-    pairs = as_batches(batches)
-    f = FunctionalLoss(model, loss_fn, pairs, chosen, bn)
+    f = FunctionalLoss.of(model, loss_fn, batches, params=params, bn=bn)
     if check:
         f.check()
     return f, f.theta0.clone()

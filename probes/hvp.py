@@ -20,7 +20,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
-from probes.functional import FunctionalLoss, functional_loss, probe_guard
+from probes.functional import FunctionalLoss, probe_guard
 
 __all__ = ["AUTO_METHODS", "METHODS", "HessianOperator", "auto_method", "hessian_operator"]
 
@@ -155,12 +155,13 @@ class HessianOperator:
     def _graph(self, b: int) -> tuple[Tensor, Tensor, float]:
         """(θ leaf, g_b = ∇L_b(θ) with its graph, L_b(θ)); cached when ``cache_graphs``.
 
-        θ is a fresh leaf and the frozen tensors are copies, so the graph holds no tensor of the
+        θ is a leaf on the storage of the loss's private copy θ₀ (nothing writes to either; no third
+        copy of the parameters) and the frozen tensors are copies, so the graph holds no tensor of the
         model: the guard's in-place restore cannot invalidate it.
         """
         if b in self._graphs:
             return self._graphs[b]
-        theta = self._f.theta0.detach().clone().requires_grad_(True)
+        theta = self._f.theta0.detach().requires_grad_(True)
         with torch.enable_grad():
             loss = self._f.batch_loss(theta, b)
             (g,) = torch.autograd.grad(loss, theta, create_graph=True)
@@ -170,7 +171,7 @@ class HessianOperator:
         return entry
 
     def _hvp_columns(self, cols: Tensor) -> Tensor:
-        out = torch.zeros_like(cols)
+        out: Tensor | None = None
         for b, w in enumerate(self._f.weights):
             if self.method == "double_backward":
                 theta, g, _ = self._graph(b)
@@ -180,12 +181,12 @@ class HessianOperator:
                     # pass goes: its peak memory is then about that of building it, not more
                     keep = self.cache_graphs or j < last
                     (hv,) = torch.autograd.grad(g, theta, grad_outputs=cols[:, j], retain_graph=keep)
-                    out[:, j].add_(hv.detach(), alpha=w)
+                    out = _accumulate(out, cols, j, w, hv.detach())
             else:
                 grad_b = torch.func.grad(lambda t, b=b: self._f.batch_loss(t, b))
                 for j in range(cols.shape[1]):
                     _, hv = torch.func.jvp(grad_b, (self._f.theta0,), (cols[:, j],))
-                    out[:, j].add_(hv.detach(), alpha=w)
+                    out = _accumulate(out, cols, j, w, hv.detach())
         return out
 
     def _evaluate(self) -> None:
@@ -196,7 +197,7 @@ class HessianOperator:
                 if self.method == "double_backward" and self.cache_graphs:
                     _, g, value = self._graph(b)  # the graph the HVPs reuse
                 else:
-                    theta = self._f.theta0.detach().clone().requires_grad_(True)
+                    theta = self._f.theta0.detach().requires_grad_(True)
                     with torch.enable_grad():
                         out = self._f.batch_loss(theta, b)
                         (g,) = torch.autograd.grad(out, theta)
@@ -204,6 +205,20 @@ class HessianOperator:
                 grad += w * g.detach()
                 loss += w * value
         self._gradient, self._loss = grad, loss
+
+
+def _accumulate(out: Tensor | None, cols: Tensor, j: int, w: float, hv: Tensor) -> Tensor:
+    """``out[:, j] += w · hv`` with ``out`` made on the first product; a single vector's first product
+    becomes ``out`` itself (scaled in place), so no second n-vector is held — unless autograd handed
+    back a tensor sharing memory with the input vectors (a graph whose backward passes them through)."""
+    if out is None:
+        if cols.shape[1] == 1:
+            if hv.untyped_storage().data_ptr() == cols.untyped_storage().data_ptr():
+                hv = hv.clone()
+            return (hv if w == 1.0 else hv.mul_(w)).reshape(cols.shape)
+        out = torch.zeros_like(cols)
+    out[:, j].add_(hv, alpha=w)
+    return out
 
 
 def hessian_operator(
@@ -243,7 +258,8 @@ def hessian_operator(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    f, theta0 = functional_loss(model, loss_fn, batches, params=params, bn=bn, check=False)
+    f = FunctionalLoss.of(model, loss_fn, batches, params=params, bn=bn)
+    theta0 = f.theta0
     if dtype is not None and dtype != theta0.dtype:
         raise ValueError(
             f"dtype: the model computes in {theta0.dtype}, not {dtype}; convert the model first "

@@ -294,3 +294,25 @@ def test_cached_graph_is_built_with_the_operator_and_validates_the_batches():
                 cache_graphs=cache,
             )
     assert state.differences(case.model) == []
+
+
+def test_accumulating_a_product_never_aliases_or_changes_the_input():
+    """The first product of a single vector becomes the result (no second n-vector); should autograd
+    hand back the input vector itself (a backward pass that passes it through), it is copied first."""
+    from probes.hvp import _accumulate
+
+    cols = torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64)
+    for w in (1.0, 0.25):
+        out = _accumulate(None, cols, 0, w, cols[:, 0])  # hv aliasing the input
+        torch.testing.assert_close(out, w * torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64))
+        assert out.untyped_storage().data_ptr() != cols.untyped_storage().data_ptr()
+        torch.testing.assert_close(cols, torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64))
+        fresh = torch.tensor([4.0, 5.0, 6.0], dtype=torch.float64)
+        out = _accumulate(None, cols, 0, w, fresh)  # a fresh product is reused, scaled in place
+        assert out.untyped_storage().data_ptr() == fresh.untyped_storage().data_ptr()
+        torch.testing.assert_close(out[:, 0], w * torch.tensor([4.0, 5.0, 6.0], dtype=torch.float64))
+        out = _accumulate(out, cols, 0, 2.0, torch.ones(3, dtype=torch.float64))  # a second batch adds
+        torch.testing.assert_close(out[:, 0], w * torch.tensor([4.0, 5.0, 6.0], dtype=torch.float64) + 2.0)
+    two = torch.zeros(3, 2, dtype=torch.float64)
+    out = _accumulate(None, two, 1, 0.5, torch.ones(3, dtype=torch.float64))  # k > 1: a fresh (n, k) buffer
+    torch.testing.assert_close(out, torch.tensor([[0.0, 0.5]] * 3, dtype=torch.float64))
