@@ -710,6 +710,8 @@ def main() -> None:
         mr, mt = mem_ratio("rss", "double_backward"), mem_ratio("tensors", "double_backward")
         fr, ft = mem_ratio("rss", "double_backward_fresh"), mem_ratio("tensors", "double_backward_fresh")
         ok = lambda c, *xs: "not run" if any(v != v for v in xs) else ("✓" if c else "✗")
+        # memory verdicts on tensor bytes: RSS adds what malloc keeps or returns, which moved the same
+        # call's ratio by ±15% between runs (it is printed alongside)
         summary += [
             [
                 spec["name"],
@@ -738,15 +740,15 @@ def main() -> None:
             ],
             [
                 spec["name"],
-                "HVP peak memory ≤ 2.5× gradient (default: graph reused)",
-                f"RSS {mr:.2f}x, tensors {mt:.2f}x",
-                ok(max(mr, mt) <= 2.5, mt),
+                "HVP peak memory ≤ 2.5× gradient, tensor bytes (default: graph reused)",
+                f"tensors {mt:.2f}x (RSS {mr:.2f}x)",
+                ok(mt <= 2.5, mt),
             ],
             [
                 spec["name"],
                 "  cache_graphs=False (fresh graph per HVP; time in section 1)",
-                f"RSS {fr:.2f}x, tensors {ft:.2f}x; HVP {hv['t_fresh'] / hv['t_grad']:.2f}x",
-                ok(max(fr, ft) <= 2.5, ft),
+                f"tensors {ft:.2f}x (RSS {fr:.2f}x); HVP {hv['t_fresh'] / hv['t_grad']:.2f}x",
+                ok(ft <= 2.5, ft),
             ],
         ]
     print(

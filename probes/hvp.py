@@ -29,8 +29,8 @@ METHODS = ("auto", "double_backward", "forward_over_reverse")
 #: The method ``method="auto"`` takes per device type, and where each choice comes from:
 #:
 #: * ``"cpu"``: **measured** by ``benchmarks/hessian.py`` (2 threads; ``benchmarks/README.md``, and the
-#:   table in :func:`hessian_operator`): one HVP by double backward with the reused graph took 1.87×
-#:   (ResNet-20) and 1.34× (MLP-10) a gradient, by forward-over-reverse 3.32× and 4.65×
+#:   table in :func:`hessian_operator`): one HVP by double backward with the reused graph took 1.82×
+#:   (ResNet-20) and 1.19× (MLP-10) a gradient, by forward-over-reverse 3.41× and 4.46×
 #:   (forward-over-reverse also needed about twice the peak memory).
 #: * ``"cuda"``: **not measured**. Double backward is kept, as on CPU, until
 #:   ``benchmarks/hessian.py --device cuda`` has timed both methods on a GPU; record that measurement
@@ -240,19 +240,23 @@ def hessian_operator(
     picked per device type from these measurements: median time of one HVP / one gradient, CPU,
     2 threads, float32, torch 2.13, train-mode BN; ``benchmarks/README.md``):
 
-    ======================================  ===================  ====================
-    model (batch)                           double backward      forward-over-reverse
-    ======================================  ===================  ====================
-    ResNet-20 width 16, 1×28×28 (128)       1.87 (3.62 first)    3.32
-    MLP-10 width 100, MNIST-1D (256)        1.34 (3.93 first)    4.65
-    ======================================  ===================  ====================
+    ======================================  ===================  ==============  ====================
+    model (batch)                           double backward      no cache        forward-over-reverse
+    ======================================  ===================  ==============  ====================
+    ResNet-20 width 16, 1×28×28 (128)       1.82 (2.98 first)    2.88            3.41
+    MLP-10 width 100, MNIST-1D (256)        1.19 (2.99 first)    3.00            4.46
+    ======================================  ===================  ==============  ====================
 
-    Double backward reuses the batch's gradient graph ("first": the first HVP, building it too).
-    GPU: unmeasured (``benchmarks/hessian.py --device cuda`` measures both); until it is, ``auto``
-    takes double backward there too (:data:`AUTO_METHODS`).
+    Double backward reuses the batch's gradient graph ("first": the first HVP, building it too;
+    "no cache": ``cache_graphs=False``). GPU: unmeasured (``benchmarks/hessian.py --device cuda``
+    measures both); until it is, ``auto`` takes double backward there too (:data:`AUTO_METHODS`).
 
     ``cache_graphs`` (default: only with a single batch) keeps each batch's gradient graph for all
-    HVPs; without it each matvec rebuilds the graphs one batch at a time, so only one is held at once.
+    HVPs, built here at once (that forward pass is also the input check); without it each matvec
+    rebuilds the graphs one batch at a time and frees each with its last product, so at most one is
+    held. The trade, measured: peak live tensor bytes of one HVP on ResNet-20 are 3.0× a gradient's
+    with the cached graph (the graph, ~2× a gradient's activations, plus the product's own transients)
+    and 2.1× without, at 2.9× a gradient's time per product instead of 1.8×.
     Computation is in the model's dtype: for float64 call ``model.double()`` (and pass float64
     inputs) first; ``dtype``, if given, must equal it.
     """
