@@ -416,7 +416,6 @@ def functional_loss(
     *,
     params: nn.Module | Sequence[str] | Sequence[nn.Parameter] | None = None,
     bn: str = "batch",
-    check: bool = True,
 ) -> tuple[FunctionalLoss, Tensor]:
     """``(f, θ₀)``: the weighted mean loss f(θ) = Σ_b n_b L_b(θ) / Σ_b n_b of the chosen parameters.
 
@@ -424,13 +423,11 @@ def functional_loss(
     :func:`norm_mode` (``bn="batch"``: statistics-free batch statistics; ``"running"``: eval mode), so
     f is pure: no running statistic moves, no random layer draws, and it composes with ``torch.func``
     transforms (``grad``, ``jvp``, ``hessian``) as well as with ``torch.autograd``. θ₀ is the flat
-    current value of the chosen parameters (a detached copy). Validates its inputs (``ValueError``);
-    with ``check=True`` it also evaluates each batch's loss once (:meth:`FunctionalLoss.check`) — a
-    caller whose first use of ``f`` is that same evaluation passes ``check=False`` and calls it itself.
+    current value of the chosen parameters (a detached copy). Validates its inputs (``ValueError``),
+    evaluating each batch's loss once (:meth:`FunctionalLoss.check`).
     """
     f = FunctionalLoss.of(model, loss_fn, batches, params=params, bn=bn)
-    if check:
-        f.check()
+    f.check()
     return f, f.theta0.clone()
 
 
