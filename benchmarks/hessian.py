@@ -710,6 +710,13 @@ def main() -> None:
         mr, mt = mem_ratio("rss", "double_backward"), mem_ratio("tensors", "double_backward")
         fr, ft = mem_ratio("rss", "double_backward_fresh"), mem_ratio("tensors", "double_backward_fresh")
         ok = lambda c, *xs: "not run" if any(v != v for v in xs) else ("✓" if c else "✗")
+
+        def ok_equal(c, ratio, k):
+            """The equal-accuracy verdict; no verdict where PyHessian never got within 1e-3 at all."""
+            if get(lzr, k, "err") <= 1e-3 < get(pyacc, k, "err"):
+                return "no PyHessian run within 1e-3"
+            return ok(c, ratio)
+
         # memory verdicts on tensor bytes: RSS adds what malloc keeps or returns, which moved the same
         # call's ratio by ±15% between runs (it is printed alongside)
         summary += [
@@ -729,14 +736,14 @@ def main() -> None:
                 spec["name"],
                 "  same network (eval) and accuracy (both ≤ 1e-3): whybn / PyHessian wall",
                 f"{q1:.2f}x, worse err {eq1:.1e}",
-                ok(q1 <= 0.6 and eq1 <= 1e-3, q1),
+                ok_equal(q1 <= 0.6 and eq1 <= 1e-3, q1, 1),
             ],
             [spec["name"], "top-5 ≥ 5× faster than PyHessian", f"{r5:.1f}x faster", ok(r5 >= 5, r5)],
             [
                 spec["name"],
                 "  same network (eval) and accuracy (both ≤ 1e-3)",
                 f"{q5:.1f}x faster, worse err {eq5:.1e}",
-                ok(q5 >= 5 and eq5 <= 1e-3, q5),
+                ok_equal(q5 >= 5 and eq5 <= 1e-3, q5, 5),
             ],
             [
                 spec["name"],
