@@ -504,11 +504,12 @@ def memory_child(path: str, what: str, device_name: str, threads: int, measure: 
             out = plain_gradient(model, x, y)
         elif what == "pyhessian_style":
             out = pyhessian_style_hvp(model, x, y, vs)
-        elif what == "double_backward_fresh":
-            with hessian_operator(model, CRIT, (x, y), method="double_backward", cache_graphs=False) as op:
-                out = op.matvec(v)
-        else:
-            with hessian_operator(model, CRIT, (x, y), method=what) as op:
+        else:  # whybn's operator: built (graph included, when cached) and one HVP
+            fresh = what == "double_backward_fresh"
+            method = "double_backward" if fresh else what
+            with hessian_operator(
+                model, CRIT, (x, y), method=method, cache_graphs=False if fresh else None
+            ) as op:
                 out = op.matvec(v)
         del out
 
