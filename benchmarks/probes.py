@@ -10,6 +10,11 @@ time is a median over repetitions after a warm-up, divided by the median time of
 range of the per-repetition ratios. Bounds from the issue: ``ics_gradient_change`` ≤ layers + 1
 gradients, ``landscape_along_gradient`` ≤ grid size + 1 gradients. The probes' own counts
 (``ICSResult.n_gradients``, ``Landscape.n_grad_evals``) are printed next to the measured ratios.
+
+The landscape probe's evaluations are gradients at other weights (w − ηg), whose cost differs a little
+from a gradient at w (denormals at large η, allocation patterns). A last row therefore times it against
+:func:`landscape_by_hand`, plain autograd at the same grid + 1 points with no guard and no checks, after
+checking that both give the same losses: that ratio is the probe's own overhead.
 """
 
 from __future__ import annotations
@@ -53,6 +58,29 @@ def trained_optimizer(model, x, y) -> torch.optim.Optimizer:
     model.load_state_dict(state)  # the weights as they were; the optimizer keeps its momentum
     opt.zero_grad(set_to_none=True)
     return opt
+
+
+def landscape_by_hand(model, x, y, grid) -> list[float]:
+    """L(w − ηg) for η in ``grid`` by plain autograd: the gradient at w, then a forward and backward pass
+    at each w − ηg (its gradient's distance to g computed as the probe does), the weights put back.
+    The baseline for the probe's overhead; train mode, so BN's running statistics move as in
+    :func:`plain_gradient`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    w0 = [p.detach().clone() for p in params]
+    g = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    losses = []
+    for eta in grid:
+        with torch.no_grad():
+            torch._foreach_copy_(params, w0)
+            torch._foreach_add_(params, g, alpha=-eta)
+        loss = F.cross_entropy(model(x), y)
+        grad = list(torch.autograd.grad(loss, params))
+        torch._foreach_sub_(grad, g)
+        torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grad)))
+        losses.append(float(loss.detach()))
+    with torch.no_grad():
+        torch._foreach_copy_(params, w0)
+    return losses
 
 
 def interleaved_medians(
@@ -127,6 +155,31 @@ def run(spec: dict, device: torch.device, reps: int) -> list[list[str]]:
                 verdict,
             ]
         )
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    by_hand = landscape_by_hand(model, x, y, GRID)
+    model.load_state_dict(state)  # running statistics as they were
+    if not torch.allclose(
+        torch.tensor(by_hand), torch.as_tensor(land.losses, dtype=torch.float32), rtol=1e-4
+    ):
+        raise RuntimeError(f"landscape_by_hand disagrees with the probe: {by_hand} vs {land.losses.tolist()}")
+    t, h, (q1, q3) = interleaved_medians(
+        lambda: landscape_along_gradient(model, F.cross_entropy, batch, step_sizes=GRID),
+        lambda: landscape_by_hand(model, x, y, GRID),
+        device,
+        reps,
+    )
+    model.load_state_dict(state)
+    rows.append(
+        [
+            spec["name"],
+            "landscape ÷ by hand, same points",
+            f"{t * 1e3:.1f} ms",
+            f"{t / h:.3f}",
+            f"{q1:.3f}–{q3:.3f}",
+            f"plain autograd loop {h * 1e3:.1f} ms",
+            "",
+        ]
+    )
     rows.insert(
         0, [spec["name"], "one gradient", f"{grad_time * 1e3:.1f} ms", "1.00", "", f"{n_layers} layers", ""]
     )
