@@ -10,10 +10,13 @@ TEX_PACKAGES := latexmk texlive-latex-base texlive-latex-recommended texlive-lat
 .PHONY: all setup tex test test-slow lint figures paper bench clean
 
 # every study at $(PRESET), then the paper (`whybn all` ends with `whybn paper`); one worker process
-# per core, one torch thread each (the records are the same as with one process)
+# per core, one torch thread each (the records are the same as with one process). Runs already in
+# $(RESULTS) are skipped: in a clone the committed quick runs are, so this redraws figures and the paper;
+# `make all RESULTS=/tmp/r` recomputes every run in a fresh directory (its PDF: /tmp/r/paper/quick/build).
 WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
+RESULTS ?= results
 all: setup tex
-	$(BIN)/whybn all --preset $(PRESET) --workers $(WORKERS)
+	$(BIN)/whybn all --preset $(PRESET) --workers $(WORKERS) --results $(RESULTS)
 
 setup: $(STAMP)
 
