@@ -311,6 +311,8 @@ def analyze(df: pd.DataFrame, config: Config, out_dir: Path) -> list[Claim]:
 
     # (c) the largest trainable learning rate per seed
     best = max_trainable_lr(outcomes).reset_index().melt(id_vars="seed", value_name="lr").dropna()
+    # the grid's span, fixed before plotting: one rate for every point must not collapse the axis
+    axes[2].set_ylim(min(config.lrs) / 2, max(config.lrs) * 2)
     sns.stripplot(
         best,
         x="norm",
@@ -330,7 +332,6 @@ def analyze(df: pd.DataFrame, config: Config, out_dir: Path) -> list[Claim]:
         title="(c) largest trainable learning rate",
         xlabel="",
         ylabel="learning rate",
-        ylim=(min(config.lrs) / 2, max(config.lrs) * 2),
     )
     fig.tight_layout()
     save_figure(fig, out_dir, "learning_rate")
