@@ -327,6 +327,21 @@ def run_pyhessian_to_accuracy(model, x, y, device, top_n, ref, target=1e-3, max_
     return res
 
 
+def equal_top1_ratios(model, x, y, device, ref, first: float, tol: float, reps: int) -> list[float]:
+    """The equal-terms top-1 ratio, whybn ``bn="running"`` over PyHessian at the tolerance ``tol`` that
+    reached 1e-3, timed ``reps`` more times with the two calls alternating (one pair moved by ±5% between
+    runs); returns ``first`` (the section's own pair) and the new ratios. Both runs are seeded, so each
+    repetition gives the same values; one that missed 1e-3 would be an error."""
+    ratios = [first]
+    for _ in range(reps):
+        tw, r = timed(lambda: hessian_eigenvalues(model, CRIT, (x, y), k=1, tol=1e-3, bn="running"), device)
+        p = run_pyhessian(model, x, y, device, 1, 500, as_is=False, tol=tol)
+        if max(rel_err(list(r.values), ref), rel_err(p["vals"], ref)) > 1e-3:
+            raise RuntimeError("a repetition missed 1e-3")
+        ratios.append(tw / p["t"])
+    return ratios
+
+
 def run_curvlinops(model, x, y, k, mode):
     import scipy.sparse.linalg as sla
     from curvlinops import HessianLinearOperator
@@ -400,11 +415,13 @@ def section_eigen(spec, model, x, y, device, quick) -> dict:
             )
             add(label, k, dict(vals=list(r.values), t=t, n=r.n_matvecs, conv=r.converged), "batch")
         # the eval-mode network PyHessian measures, by whybn at the same accuracy
-        t, r = timed(lambda: hessian_eigenvalues(model, CRIT, (x, y), k=k, tol=1e-3, bn="running"), device)
+        t_run, r = timed(
+            lambda: hessian_eigenvalues(model, CRIT, (x, y), k=k, tol=1e-3, bn="running"), device
+        )
         add(
             "whybn lanczos tol 1e-3, bn=running",
             k,
-            dict(vals=list(r.values), t=t, n=r.n_matvecs, conv=r.converged),
+            dict(vals=list(r.values), t=t_run, n=r.n_matvecs, conv=r.converged),
             "running",
             "PyHessian's network",
         )
@@ -419,6 +436,10 @@ def section_eigen(spec, model, x, y, device, quick) -> dict:
                 "running",
                 f"tol {res['tol']:.0e}, maxIter 500",
             )
+            if k == 1 and rel_err(res["vals"], ref["running"]["la"]) <= 1e-3:
+                results["equal_top1_ratios"] = equal_top1_ratios(
+                    model, x, y, device, ref["running"]["la"], t_run / res["t"], res["tol"], 1 if quick else 4
+                )
         except Exception as e:
             rows.append(("PyHessian (eval mode)", k, "FAILED", float("nan"), 0, float("nan"), "", short(e)))
         try:
@@ -704,7 +725,8 @@ def main() -> None:
         r1 = get(lz, 1, "t") / get(pyh, 1, "t")
         e1 = get(lz, 1, "err")
         r5 = get(pyh, 5, "t") / get(lz, 5, "t")
-        q1 = get(lzr, 1, "t") / get(pyacc, 1, "t")
+        q1s = res.get("equal_top1_ratios") or [get(lzr, 1, "t") / get(pyacc, 1, "t")]
+        q1 = statistics.median(q1s)
         eq1 = max(get(lzr, 1, "err"), get(pyacc, 1, "err"))
         q5 = get(pyacc, 5, "t") / get(lzr, 5, "t")
         eq5 = max(get(lzr, 5, "err"), get(pyacc, 5, "err"))
@@ -735,8 +757,8 @@ def main() -> None:
             ],
             [
                 spec["name"],
-                "  same network (eval) and accuracy (both ≤ 1e-3): whybn / PyHessian wall",
-                f"{q1:.2f}x, worse err {eq1:.1e}",
+                f"  same network (eval) and accuracy (both ≤ 1e-3): whybn / PyHessian wall, median of {len(q1s)}",
+                f"{q1:.2f}x ({min(q1s):.2f}–{max(q1s):.2f}), worse err {eq1:.1e}",
                 ok_equal(q1 <= 0.6 and eq1 <= 1e-3, q1, 1),
             ],
             [spec["name"], "top-5 ≥ 5× faster than PyHessian", f"{r5:.1f}x faster", ok(r5 >= 5, r5)],
