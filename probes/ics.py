@@ -49,6 +49,7 @@ from probes.activations import capture_layer_inputs, parameterized_layers, selec
 from probes.functional import (
     FunctionalLoss,
     as_batches,
+    in_one_allocation,
     norm_mode,
     optimizer_param_names,
     probe_guard,
@@ -222,7 +223,11 @@ def ics_gradient_change(
             for h in handles:
                 h.remove()
         n_gradients = 1
-        full = dict(zip(params, grads, strict=True))
+        present = [n for n, t in zip(params, grads, strict=True) if t is not None]
+        full = dict.fromkeys(params) | dict(  # held through every pass below: one allocation
+            zip(present, in_one_allocation([t for t in grads if t is not None]), strict=True)
+        )
+        del theta, grads
 
         never = [n or "<model>" for n, m in selected.items() if id(m) not in order]
         if never and layers is not None:
@@ -235,6 +240,7 @@ def ics_gradient_change(
 
         # 2) W' for everything the optimizer holds, from the current gradient
         updated = simulate_optimizer_step(optimizer, params, full)
+        updated = dict(zip(updated, in_one_allocation(list(updated.values())), strict=True))
 
         # 3) per layer, G' with the preceding parameters moved
         results = []
@@ -257,6 +263,7 @@ def ics_gradient_change(
             n_gradients += 1
             g2 = torch.cat([_dense(t, params[n]) for n, t in zip(own, g_new, strict=True)])
             results.append(_compare(layer_name, g, g2, preceding))
+            del leaves, g_new, g2  # freed before the next pass allocates (see in_one_allocation)
     return ICSResult(tuple(results), n_gradients)
 
 

@@ -24,7 +24,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from probes.functional import as_batches, check_loss, norm_mode, probe_guard, resolve_params
+from probes.functional import (
+    as_batches,
+    check_loss,
+    in_one_allocation,
+    norm_mode,
+    probe_guard,
+    resolve_params,
+)
 
 __all__ = ["Landscape", "landscape_along_gradient"]
 
@@ -175,6 +182,7 @@ def landscape_along_gradient(
             p.requires_grad_(True)
         w0 = [state.parameters[name] for name, _ in chosen]  # the guard's snapshot: read, never written
         loss0, g = _value_and_grad(model, loss_fn, pairs, weights, ws)
+        g = in_one_allocation(g)  # held through every evaluation below
         grad_norm = _norm(g)
         losses = np.empty(etas.size)
         distances = np.empty(etas.size)
@@ -186,6 +194,7 @@ def landscape_along_gradient(
             losses[i] = loss
             torch._foreach_sub_(grad, g)  # in place: this point's gradient is not needed afterwards
             distances[i] = _norm(grad)
+            del grad  # freed before the next pass allocates (see in_one_allocation)
     with np.errstate(divide="ignore", invalid="ignore"):
         betas = distances / (etas * grad_norm)
         relative = losses / loss0

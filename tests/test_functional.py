@@ -12,6 +12,7 @@ from probes.functional import (
     as_batches,
     check_loss,
     functional_loss,
+    in_one_allocation,
     norm_mode,
     probe_guard,
     resolve_params,
@@ -134,3 +135,20 @@ def test_probe_guard_restores_and_strict_reports():
         torch.rand(3)
         raise RuntimeError("inside")
     assert state.differences(net) == []
+
+
+def test_in_one_allocation_copies_into_views_of_one_buffer():
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g), torch.randn(2, 1, 2, generator=g)]
+    copies = in_one_allocation(tensors)
+    assert [c.shape for c in copies] == [t.shape for t in tensors]
+    assert all(torch.equal(c, t) for c, t in zip(copies, tensors, strict=True))
+    base = copies[0].untyped_storage().data_ptr()
+    assert all(c.untyped_storage().data_ptr() == base for c in copies)  # one buffer ...
+    assert [c.storage_offset() for c in copies] == [0, 12, 17]  # ... laid out in order
+    tensors[0].zero_()
+    assert copies[0].abs().sum() > 0  # copies, not aliases
+    mixed = in_one_allocation([torch.ones(2), torch.ones(3, dtype=torch.float64)])
+    assert [c.dtype for c in mixed] == [torch.float32, torch.float64]  # one buffer each, values kept
+    assert all(torch.equal(c, torch.ones_like(c)) for c in mixed)
+    assert in_one_allocation([]) == []
