@@ -11,10 +11,11 @@ range of the per-repetition ratios. Bounds from the issue: ``ics_gradient_change
 gradients, ``landscape_along_gradient`` ≤ grid size + 1 gradients. The probes' own counts
 (``ICSResult.n_gradients``, ``Landscape.n_grad_evals``) are printed next to the measured ratios.
 
-The landscape probe's evaluations are gradients at other weights (w − ηg), whose cost differs a little
-from a gradient at w (denormals at large η, allocation patterns). A last row therefore times it against
-:func:`landscape_by_hand`, plain autograd at the same grid + 1 points with no guard and no checks, after
-checking that both give the same losses: that ratio is the probe's own overhead.
+The landscape probe's evaluations are gradients at other weights (w − ηg). Two last rows therefore
+time it against :func:`landscape_by_hand`, plain autograd at the same grid + 1 points with no guard and
+no checks (after checking that both give the same losses), and against grid + 1 plain gradients at w,
+back to back: those ratios are the probe's own overhead. A single gradient timed alone between probe
+calls is not quite one ninth of nine timed back to back; that difference is in the "÷ gradient" column.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from probes import (  # noqa: E402
     rank_collapse,
 )
 from probes.activations import parameterized_layers  # noqa: E402
+from probes.functional import in_one_allocation  # noqa: E402
 
 GRID = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4)
 
@@ -63,11 +65,14 @@ def trained_optimizer(model, x, y) -> torch.optim.Optimizer:
 def landscape_by_hand(model, x, y, grid) -> list[float]:
     """L(w − ηg) for η in ``grid`` by plain autograd: the gradient at w, then a forward and backward pass
     at each w − ηg (its gradient's distance to g computed as the probe does), the weights put back.
-    The baseline for the probe's overhead; train mode, so BN's running statistics move as in
+    The baseline for the probe's overhead, written as well as plain code can be: g is held in one
+    buffer and each point's gradient is freed before the next pass (holding autograd's own gradient
+    tensors across passes costs 16–20 thousand page faults per call on ResNet-20, see
+    :func:`probes.functional.in_one_allocation`). Train mode, so BN's running statistics move as in
     :func:`plain_gradient`."""
     params = [p for p in model.parameters() if p.requires_grad]
     w0 = [p.detach().clone() for p in params]
-    g = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    g = in_one_allocation(torch.autograd.grad(F.cross_entropy(model(x), y), params))
     losses = []
     for eta in grid:
         with torch.no_grad():
@@ -78,9 +83,16 @@ def landscape_by_hand(model, x, y, grid) -> list[float]:
         torch._foreach_sub_(grad, g)
         torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grad)))
         losses.append(float(loss.detach()))
+        del loss, grad
     with torch.no_grad():
         torch._foreach_copy_(params, w0)
     return losses
+
+
+def gradients_back_to_back(model, x, y, n: int) -> None:
+    """``n`` plain gradients at w, one after another: the work the landscape probe cannot avoid."""
+    for _ in range(n):
+        plain_gradient(model, x, y)
 
 
 def interleaved_medians(
@@ -177,6 +189,25 @@ def run(spec: dict, device: torch.device, reps: int) -> list[list[str]]:
             f"{t / h:.3f}",
             f"{q1:.3f}–{q3:.3f}",
             f"plain autograd loop {h * 1e3:.1f} ms",
+            "",
+        ]
+    )
+    n = len(GRID) + 1
+    t, h, (q1, q3) = interleaved_medians(
+        lambda: landscape_along_gradient(model, F.cross_entropy, batch, step_sizes=GRID),
+        lambda: gradients_back_to_back(model, x, y, n),
+        device,
+        reps,
+    )
+    model.load_state_dict(state)
+    rows.append(
+        [
+            spec["name"],
+            f"landscape ÷ {n} gradients at w",
+            f"{t * 1e3:.1f} ms",
+            f"{t / h:.3f}",
+            f"{q1:.3f}–{q3:.3f}",
+            f"{n} back to back {h * 1e3:.1f} ms = {h / grad_time:.2f} gradients",
             "",
         ]
     )
