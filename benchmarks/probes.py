@@ -174,43 +174,28 @@ def run(spec: dict, device: torch.device, reps: int) -> list[list[str]]:
         torch.tensor(by_hand), torch.as_tensor(land.losses, dtype=torch.float32), rtol=1e-4
     ):
         raise RuntimeError(f"landscape_by_hand disagrees with the probe: {by_hand} vs {land.losses.tolist()}")
-    t, h, (q1, q3) = interleaved_medians(
-        lambda: landscape_along_gradient(model, F.cross_entropy, batch, step_sizes=GRID),
-        lambda: landscape_by_hand(model, x, y, GRID),
-        device,
-        reps,
-    )
-    model.load_state_dict(state)
-    rows.append(
-        [
-            spec["name"],
-            "landscape ÷ by hand, same points",
-            f"{t * 1e3:.1f} ms",
-            f"{t / h:.3f}",
-            f"{q1:.3f}–{q3:.3f}",
-            f"plain autograd loop {h * 1e3:.1f} ms",
-            "",
-        ]
-    )
     n = len(GRID) + 1
-    t, h, (q1, q3) = interleaved_medians(
-        lambda: landscape_along_gradient(model, F.cross_entropy, batch, step_sizes=GRID),
-        lambda: gradients_back_to_back(model, x, y, n),
-        device,
-        reps,
-    )
-    model.load_state_dict(state)
-    rows.append(
-        [
-            spec["name"],
-            f"landscape ÷ {n} gradients at w",
-            f"{t * 1e3:.1f} ms",
-            f"{t / h:.3f}",
-            f"{q1:.3f}–{q3:.3f}",
-            f"{n} back to back {h * 1e3:.1f} ms = {h / grad_time:.2f} gradients",
-            "",
-        ]
-    )
+    baselines = {  # row name: (the same work in plain autograd, how to describe its time h)
+        "landscape ÷ by hand, same points": (
+            lambda: landscape_by_hand(model, x, y, GRID),
+            lambda h: f"plain autograd loop {h * 1e3:.1f} ms",
+        ),
+        f"landscape ÷ {n} gradients at w": (
+            lambda: gradients_back_to_back(model, x, y, n),
+            lambda h: f"{n} back to back {h * 1e3:.1f} ms = {h / grad_time:.2f} gradients",
+        ),
+    }
+    for name, (baseline, describe) in baselines.items():
+        t, h, (q1, q3) = interleaved_medians(
+            lambda: landscape_along_gradient(model, F.cross_entropy, batch, step_sizes=GRID),
+            baseline,
+            device,
+            reps,
+        )
+        model.load_state_dict(state)  # running statistics as they were
+        rows.append(
+            [spec["name"], name, f"{t * 1e3:.1f} ms", f"{t / h:.3f}", f"{q1:.3f}–{q3:.3f}", describe(h), ""]
+        )
     rows.insert(
         0, [spec["name"], "one gradient", f"{grad_time * 1e3:.1f} ms", "1.00", "", f"{n_layers} layers", ""]
     )
