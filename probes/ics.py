@@ -223,10 +223,8 @@ def ics_gradient_change(
             for h in handles:
                 h.remove()
         n_gradients = 1
-        present = [n for n, t in zip(params, grads, strict=True) if t is not None]
-        full = dict.fromkeys(params) | dict(  # held through every pass below: one allocation
-            zip(present, in_one_allocation([t for t in grads if t is not None]), strict=True)
-        )
+        kept = iter(in_one_allocation([t for t in grads if t is not None]))  # held through every pass below
+        full = {n: None if t is None else next(kept) for n, t in zip(params, grads, strict=True)}
         del theta, grads
 
         never = [n or "<model>" for n, m in selected.items() if id(m) not in order]
