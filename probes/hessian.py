@@ -81,7 +81,7 @@ def hessian_eigenvalues(
     ``hvp`` picks the Hessian-vector product and ``cache_graphs`` whether each batch's gradient graph
     is kept for all products (:func:`probes.hvp.hessian_operator`; default: kept for one batch, the
     faster choice, while ``cache_graphs=False`` needs less memory: on ResNet-20, 2.1× a gradient's
-    tensor bytes instead of 3.0×, at 2.9× a gradient's time per product instead of 1.7×).
+    tensor bytes instead of 3.0×, at 2.9× a gradient's time per product instead of 1.7–1.9×).
     """
     with hessian_operator(
         model, loss_fn, batches, params=params, bn=bn, method=hvp, cache_graphs=cache_graphs

@@ -29,8 +29,8 @@ METHODS = ("auto", "double_backward", "forward_over_reverse")
 #: The method ``method="auto"`` takes per device type, and where each choice comes from:
 #:
 #: * ``"cpu"``: **measured** by ``benchmarks/hessian.py`` (2 threads; ``benchmarks/README.md``, and the
-#:   table in :func:`hessian_operator`): one HVP by double backward with the reused graph took 1.71×
-#:   (ResNet-20) and 1.14× (MLP-10) a gradient, by forward-over-reverse 3.64× and 4.00×
+#:   table in :func:`hessian_operator`): one HVP by double backward with the reused graph took 1.71–1.90×
+#:   (ResNet-20, two runs) and 1.14× (MLP-10) a gradient, by forward-over-reverse 3.23–3.64× and 4.00×
 #:   (forward-over-reverse also needed about twice the peak memory).
 #: * ``"cuda"``: **not measured**. Double backward is kept, as on CPU, until
 #:   ``benchmarks/hessian.py --device cuda`` has timed both methods on a GPU; record that measurement
@@ -244,6 +244,7 @@ def hessian_operator(
     model (batch)                           double backward      no cache        forward-over-reverse
     ======================================  ===================  ==============  ====================
     ResNet-20 width 16, 1×28×28 (128)       1.71 (2.72 first)    2.85            3.64
+    … the same, another run (e9100cf)       1.90 (3.02 first)    2.97            3.23
     MLP-10 width 100, MNIST-1D (256)        1.14 (2.75 first)    2.48            4.00
     ======================================  ===================  ==============  ====================
 
@@ -256,7 +257,7 @@ def hessian_operator(
     rebuilds the graphs one batch at a time and frees each with its last product, so at most one is
     held. The trade, measured: peak live tensor bytes of one HVP on ResNet-20 are 3.0× a gradient's
     with the cached graph (the graph, ~2× a gradient's activations, plus the product's own transients)
-    and 2.1× without, at 2.9× a gradient's time per product instead of 1.7×.
+    and 2.1× without, at 2.9× a gradient's time per product instead of 1.7–1.9×.
     Computation is in the model's dtype: for float64 call ``model.double()`` (and pass float64
     inputs) first; ``dtype``, if given, must equal it.
     """
