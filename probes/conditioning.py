@@ -332,9 +332,12 @@ def rank_collapse(
     ``(inputs, targets)`` pair or the inputs alone.
     """
     check_bn(bn)
-    x = batch[0] if isinstance(batch, tuple | list) else batch
-    if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] < 2:
-        raise ValueError("batch: expected inputs with at least 2 samples")
+    x = batch[0] if isinstance(batch, tuple | list) and batch else batch
+    if not isinstance(x, Tensor) or x.dim() == 0:
+        got = repr(batch) if x is batch else f"a {type(batch).__name__} of {type(x).__name__}"
+        raise ValueError(f"batch: expected one (inputs, targets) pair or an inputs tensor, got {got}")
+    if x.shape[0] < 2:
+        raise ValueError(f"batch: expected inputs with at least 2 samples, got {x.shape[0]}")
     candidates = default_layers(model) if layer is None else select_modules(model, [layer])
     order: list[str] = []
     handles = []

@@ -39,6 +39,7 @@ __all__ = [
     "probe_guard",
     "resolve_params",
     "simulate_optimizer_step",
+    "tensor_slots",
 ]
 
 #: How batch-dependent norm layers normalize during a probe (DESIGN.md).
@@ -59,9 +60,27 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
+def tensor_slots(model: nn.Module) -> list[tuple[str, nn.Module, str, str, Tensor]]:
+    """Every place a parameter or buffer lives: ``(qualified name, module, "_parameters" or "_buffers",
+    attribute, tensor)``, each (module, attribute) once, under its module's first name.
+
+    A submodule registered twice (``self.c = self.a``) is one set of slots; a parameter shared by two
+    modules (``c.weight = a.weight``) is two slots holding one tensor."""
+    slots = []
+    for prefix, module in model.named_modules():  # each module instance once, under its first name
+        for kind in ("_parameters", "_buffers"):
+            for attr, t in getattr(module, kind).items():
+                if t is not None:
+                    slots.append((f"{prefix}.{attr}" if prefix else attr, module, kind, attr, t))
+    return slots
+
+
 @dataclass(frozen=True)
 class ModelState:
-    """A deep snapshot of everything a probe must not change."""
+    """A deep snapshot of everything a probe must not change.
+
+    ``slots`` holds the tensor objects themselves (not copies): a probe must leave every parameter
+    and buffer *object* in place, not only its values, since optimizers and user code hold them."""
 
     parameters: dict[str, torch.Tensor]
     buffers: dict[str, torch.Tensor]
@@ -69,6 +88,7 @@ class ModelState:
     requires_grad: dict[str, bool]
     grads: dict[str, torch.Tensor | None]
     rng: dict[str, Any]
+    slots: tuple[tuple[str, nn.Module, str, str, Tensor], ...] = ()
 
     @classmethod
     def capture(cls, model: nn.Module) -> ModelState:
@@ -80,12 +100,17 @@ class ModelState:
             requires_grad={n: p.requires_grad for n, p in params.items()},
             grads={n: None if p.grad is None else p.grad.detach().clone() for n, p in params.items()},
             rng=_rng_state(),
+            slots=tuple(tensor_slots(model)),
         )
 
     def differences(self, model: nn.Module) -> list[str]:
         """What differs between this snapshot and ``model`` now (empty when nothing changed)."""
+        diffs = [
+            f"{kind.strip('_')}: {name} is another tensor object"
+            for name, module, kind, attr, t in self.slots
+            if getattr(module, kind).get(attr) is not t
+        ]
         now = ModelState.capture(model)
-        diffs = []
         for kind in ("parameters", "buffers", "grads"):
             before, after = getattr(self, kind), getattr(now, kind)
             if before.keys() != after.keys():
@@ -113,7 +138,12 @@ class ModelState:
         return diffs
 
     def restore(self, model: nn.Module) -> None:
-        """Put ``model`` and the global RNGs back exactly as captured."""
+        """Put ``model`` and the global RNGs back exactly as captured (the original tensor objects into
+        their slots first, should anything have replaced them, then their values)."""
+        for _, module, kind, attr, t in self.slots:
+            slot = getattr(module, kind)
+            if slot.get(attr) is not t:
+                slot[attr] = t
         with torch.no_grad():
             params = dict(model.named_parameters(remove_duplicate=False))
             for name, p in params.items():
@@ -326,10 +356,14 @@ def check_loss(loss: Tensor) -> Tensor:
 
 
 def _forward(model: nn.Module, tensors: dict[str, Tensor], x: Tensor, bn: str) -> Tensor:
-    """``model(x)`` with ``tensors`` in place of its parameters/buffers, in norm mode ``bn``."""
+    """``model(x)`` with ``tensors`` in place of its parameters/buffers, in norm mode ``bn``.
+
+    ``tensors`` has one entry per slot (:func:`tensor_slots`), so ``tie_weights=False``: torch 2.13's
+    tying expands a shared submodule's names into several swaps of one slot and then restores the
+    slot to the swapped-in tensor, leaving it in the model (pytorch/pytorch#164759)."""
     with norm_mode(model, bn):
         try:
-            return functional_call(model, tensors, (x,))
+            return functional_call(model, tensors, (x,), tie_weights=False)
         except ValueError as error:
             if bn == "batch" and "value per channel" in str(error):
                 raise ValueError(
@@ -344,7 +378,9 @@ class FunctionalLoss:
 
     θ is the chosen parameters flattened and concatenated in order (``names``); every other
     parameter and buffer is frozen at its value when this object was made (cloned, so later changes
-    to the model, or the guard restoring it, do not reach here). Call with a flat tensor of
+    to the model, or the guard restoring it, do not reach here). A tied tensor is one entry, under
+    its first name, and every slot that holds it (a shared submodule, a parameter assigned to two
+    modules) gets the same value. Call with a flat tensor of
     shape ``(n,)`` or a ``{name: tensor}`` dict; :meth:`batch_loss` gives one batch's term L_b.
     """
 
@@ -368,6 +404,8 @@ class FunctionalLoss:
             if n not in chosen_names
         }
         self.theta0 = torch.cat([p.detach().reshape(-1) for _, p in chosen])  # cat copies: θ₀ is private
+        first = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
+        self.slots = {slot: first[id(t)] for slot, _, _, _, t in tensor_slots(model)}  # slot → entry
         self.sizes = [int(x.shape[0]) for x, _ in batches]
         self.total = sum(self.sizes)
         self.weights = [n / self.total for n in self.sizes]  # n_b / N
@@ -402,7 +440,8 @@ class FunctionalLoss:
     def batch_loss(self, theta: Tensor | dict[str, Tensor], index: int) -> Tensor:
         """L_b(θ): ``loss_fn(model(x_b), y_b)`` for batch ``index``."""
         x, y = self.batches[index]
-        out = _forward(self.model, {**self.frozen, **self._as_dict(theta)}, x, self.bn)
+        values = {**self.frozen, **self._as_dict(theta)}
+        out = _forward(self.model, {slot: values[n] for slot, n in self.slots.items()}, x, self.bn)
         return check_loss(self.loss_fn(out, y))
 
     def check(self) -> None:

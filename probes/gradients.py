@@ -129,8 +129,12 @@ def ordered_layers(
     return result
 
 
-def _qualified(module: str, param: str) -> str:
-    return f"{module}.{param}" if module else param
+def _weight_names(model: nn.Module, chosen: list[tuple[str, str]]) -> list[str]:
+    """The model's name for each layer's weight: the name ``named_parameters`` lists it under, so a
+    weight shared by several layers (``b.weight = a.weight``) has one name, its first."""
+    first = {id(p): n for n, p in model.named_parameters()}
+    modules = dict(model.named_modules())
+    return [first[id(getattr(modules[m], p))] for m, p in chosen]
 
 
 def _gradient(
@@ -214,10 +218,10 @@ def layer_gradient_norms(
     """
     pairs = as_batches(batches)
     chosen = ordered_layers(model, layers, example=pairs[0][0] if layers is None else None, bn=bn)
-    names = [_qualified(m, p) for m, p in chosen]
+    names = _weight_names(model, chosen)
     params = dict(model.named_parameters())
     with probe_guard(model):
-        loss, grads = _gradient(model, loss_fn, pairs, names, bn)
+        loss, grads = _gradient(model, loss_fn, pairs, list(dict.fromkeys(names)), bn)
     g = np.array([_norm(grads[n]) for n in names])
     w = np.array([_norm(params[n].detach()) for n in names])
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -257,10 +261,25 @@ class UpdateRatios:
         return rows
 
 
-def _require_owned(names: list[str], owned: dict[int, str]) -> None:
-    missing = sorted(set(names) - set(owned.values()))
-    if missing:
-        raise ValueError(f"optimizer: does not own the layer parameters {missing}")
+def _owned_layers(
+    model: nn.Module, chosen: list[tuple[str, str]], layers: Layers, owned: dict[int, str]
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """The layers an optimizer-based probe reports, and their weights' qualified names.
+
+    ``layers=None``: the parameterized layers whose weight ``optimizer`` holds (a frozen layer, or one
+    trained by another optimizer, has no step to report); ``ValueError`` if there is none. Layers
+    named explicitly must all be the optimizer's (``ValueError`` naming those that are not)."""
+    names = _weight_names(model, chosen)
+    held = set(owned.values())
+    if layers is not None:
+        missing = sorted(set(names) - held)
+        if missing:
+            raise ValueError(f"optimizer: does not own the layer parameters {missing}")
+        return chosen, names
+    kept = [(layer, name) for layer, name in zip(chosen, names, strict=True) if name in held]
+    if not kept:
+        raise ValueError("optimizer: holds the weight of none of the model's parameterized layers")
+    return [layer for layer, _ in kept], [name for _, name in kept]
 
 
 def simulated_step(
@@ -311,12 +330,13 @@ def update_to_weight_ratios(
     (van Laarhoven 2017; Arora, Li & Lyu 2019; Hoffer et al. 2018): for SGD, ΔW = −η(∇L + λW + μ·buf).
     The gradient is that of the weighted mean loss over ``batches`` in norm mode ``bn``; the step is
     simulated (:func:`simulated_step`) on copies of the parameters and of the optimizer's state.
-    ``ValueError`` if the optimizer holds a parameter that is not the model's or misses a layer's.
+    ``layers=None``: every parameterized layer whose weight the optimizer holds, in forward order
+    (frozen layers are skipped). ``ValueError`` if the optimizer holds a parameter that is not the
+    model's, holds no layer's weight, or misses a layer named in ``layers``.
     """
     pairs = as_batches(batches)
     chosen = ordered_layers(model, layers, example=pairs[0][0] if layers is None else None, bn=bn)
-    names = [_qualified(m, p) for m, p in chosen]
-    _require_owned(names, optimizer_param_names(model, optimizer))
+    chosen, names = _owned_layers(model, chosen, layers, optimizer_param_names(model, optimizer))
     loss, updates = simulated_step(model, loss_fn, pairs, optimizer, bn=bn)
     params = dict(model.named_parameters())
     u = np.array([_norm(updates[n]) for n in names])
@@ -360,12 +380,12 @@ def effective_learning_rates(
     rate η moves the direction W/‖W‖ as SGD with rate η/‖W‖² would: that is the rate that matters.
     η is the current ``lr`` of the param group holding W (a scheduler's value included). The formula
     is only meaningful for scale-invariant layers (check with :func:`scale_invariance`) and SGD-like
-    updates; ``layers=None`` lists every parameterized layer in registration order. Reads only.
+    updates; ``layers=None`` lists every parameterized layer whose weight the optimizer holds (frozen
+    layers are skipped), in registration order. Reads only.
     """
     chosen = ordered_layers(model, layers)
-    names = [_qualified(m, p) for m, p in chosen]
     owned = optimizer_param_names(model, optimizer)
-    _require_owned(names, owned)
+    chosen, names = _owned_layers(model, chosen, layers, owned)
     lr_of = {owned[id(p)]: float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
     params = dict(model.named_parameters())
     lrs = np.array([lr_of[n] for n in names])
@@ -437,7 +457,7 @@ def scale_invariance(
     if not tol >= 0:
         raise ValueError(f"tol must be ≥ 0, got {tol!r}")
     pairs = as_batches(batches)
-    name = _qualified(module, kind)
+    (name,) = _weight_names(model, [(module, kind)])
     with probe_guard(model):
         loss, grads = _gradient(model, loss_fn, pairs, [name], bn)
         f = FunctionalLoss(model, loss_fn, pairs, resolve_params(model, [name]), bn)

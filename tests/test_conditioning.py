@@ -163,8 +163,12 @@ def test_bad_inputs_name_the_argument():
         layer_input_conditioning(model, batch, layers=["head"], bn="eval")
     with pytest.raises(ValueError, match="batch_size"):
         normalization_disturbance(batch[0], batch_size=1)
-    with pytest.raises(ValueError, match="batch"):
+    with pytest.raises(ValueError, match="batch: expected inputs with at least 2 samples, got 1"):
         rank_collapse(model, batch[0][:1])
+    with pytest.raises(
+        ValueError, match=r"batch: expected one \(inputs, targets\) pair .* got a list of tuple"
+    ):
+        rank_collapse(model, [batch, batch])
     with pytest.raises(ValueError, match="layers"):
         kfac_factor_conditioning(nn.Sequential(nn.ReLU()), F.cross_entropy, batch)
 

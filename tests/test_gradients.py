@@ -199,9 +199,13 @@ def test_effective_learning_rates():
     opt.step()
     sched.step()
     assert effective_learning_rates(net, opt, layers=["head"]).learning_rates[0] == pytest.approx(0.01)
-    only_head = torch.optim.SGD(net.head.parameters(), lr=0.1)
+    only_head = torch.optim.SGD(net.head.parameters(), lr=0.1)  # a frozen body: only its layer reported
+    assert effective_learning_rates(net, only_head).layers == ("head",)
     with pytest.raises(ValueError, match="does not own"):
-        effective_learning_rates(net, only_head)
+        effective_learning_rates(net, only_head, layers=["blocks.0.layer", "head"])
+    norms_only = torch.optim.SGD([p for n, p in net.named_parameters() if ".norm." in n], lr=0.1)
+    with pytest.raises(ValueError, match="holds the weight of none"):
+        effective_learning_rates(net, norms_only)
     with pytest.raises(ValueError, match="not part of the model"):
         effective_learning_rates(net, torch.optim.SGD(mlp("bn").parameters(), lr=0.1))
 
@@ -270,7 +274,15 @@ def test_update_ratio_errors():
     net = mlp("bn")
     batch = make_batch("mlp", 8, seed=4)
     with pytest.raises(ValueError, match="does not own"):
-        update_to_weight_ratios(net, F.cross_entropy, batch, torch.optim.SGD(net.head.parameters(), lr=0.1))
+        update_to_weight_ratios(
+            net,
+            F.cross_entropy,
+            batch,
+            torch.optim.SGD(net.head.parameters(), lr=0.1),
+            layers=["blocks.1.layer"],
+        )
+    with pytest.raises(ValueError, match="holds the weight of none"):
+        update_to_weight_ratios(net, F.cross_entropy, batch, torch.optim.SGD([net.head.bias], lr=0.1))
     with pytest.raises(ValueError, match="not part of the model"):
         update_to_weight_ratios(net, F.cross_entropy, batch, torch.optim.SGD(mlp("bn").parameters(), lr=0.1))
     # restricted to the layers it owns: fine
@@ -279,3 +291,7 @@ def test_update_ratio_errors():
     )
     g = plain_grads(net, F.cross_entropy, batch)["head.weight"]
     assert r.ratios[0] == pytest.approx(float(0.1 * g.norm() / net.head.weight.detach().norm()), rel=1e-12)
+    default = update_to_weight_ratios(
+        net, F.cross_entropy, batch, torch.optim.SGD(net.head.parameters(), lr=0.1)
+    )
+    assert default.layers == ("head",) and default.ratios[0] == pytest.approx(r.ratios[0], rel=1e-12)
