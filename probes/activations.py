@@ -12,11 +12,13 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 __all__ = [
     "capture",
     "capture_layer_inputs",
     "capture_layer_outputs",
+    "layer_parameters",
     "layer_weight_name",
     "parameterized_layers",
     "select_modules",
@@ -24,19 +26,41 @@ __all__ = [
 
 
 def layer_weight_name(module: nn.Module) -> str | None:
-    """The parameter that makes ``module`` a layer, or None: ``weight_v`` (a weight-normalized layer's
-    direction) or a ``weight`` of ≥ 2 dimensions (Linear, Conv, Embedding) that the module owns itself.
+    """The parameter that makes ``module`` a layer, or None, as a name relative to ``module``.
+
+    * ``weight_v``: a weight-normalized layer's direction (whybn's wrappers, ``torch.nn.utils.weight_norm``);
+    * ``parametrizations.weight.original…``: a weight under ``torch.nn.utils.parametrize``
+      (``parametrizations.weight_norm``: its direction ``original1``; ``spectral_norm``, ``orthogonal``:
+      ``original``): the largest of the parametrization's own parameters with ≥ 2 dimensions;
+    * ``weight``: a weight of ≥ 2 dimensions (Linear, Conv, Embedding) that the module owns itself.
 
     This is the one definition of a "parameterized layer" every probe uses; norm layers (1-D affine
-    ``weight``) and containers are not layers.
+    ``weight``) and containers are not layers. Nothing is computed (a parametrized weight is not
+    evaluated, so a spectral norm's power iteration does not run).
     """
     own = dict(module.named_parameters(recurse=False))
     if own.get("weight_v") is not None:
         return "weight_v"
+    if parametrize.is_parametrized(module, "weight"):
+        originals = [
+            (p.numel(), i, n)
+            for i, (n, p) in enumerate(module.parametrizations.weight.named_parameters(recurse=False))
+            if p.dim() >= 2
+        ]
+        return f"parametrizations.weight.{max(originals)[2]}" if originals else None
     weight = own.get("weight")
     if weight is not None and weight.dim() >= 2:
         return "weight"
     return None
+
+
+def layer_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters that belong to layer ``module``: those it owns directly (weight and bias;
+    ``weight_v``, ``weight_g``) and those of its ``torch.nn.utils.parametrize`` parametrizations."""
+    own = list(module.parameters(recurse=False))
+    if parametrize.is_parametrized(module):
+        own += list(module.parametrizations.parameters())
+    return own
 
 
 def parameterized_layers(model: nn.Module) -> dict[str, nn.Module]:

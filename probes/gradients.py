@@ -134,7 +134,7 @@ def _weight_names(model: nn.Module, chosen: list[tuple[str, str]]) -> list[str]:
     weight shared by several layers (``b.weight = a.weight``) has one name, its first."""
     first = {id(p): n for n, p in model.named_parameters()}
     modules = dict(model.named_modules())
-    return [first[id(getattr(modules[m], p))] for m, p in chosen]
+    return [first[id(modules[m].get_parameter(p))] for m, p in chosen]
 
 
 def _gradient(

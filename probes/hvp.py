@@ -9,6 +9,8 @@ H = ∇²_θ L(θ) with L(θ) = Σ_b n_b L_b(θ) / Σ_b n_b (DESIGN.md), so H v 
 Both differentiate :func:`probes.functional.functional_loss`, i.e. ``functional_call`` in
 :func:`~probes.functional.norm_mode`: with ``bn="batch"`` batch-dependent norms use the batch's statistics
 (the loss the optimizer sees, unlike PyHessian's eval mode) without updating running statistics.
+Both build their graphs under :func:`probes.functional.twice_differentiable`: torch's fused weight norm
+(wrong double backward) and CPU flash attention (no double backward) are replaced by their composite forms.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
-from probes.functional import FunctionalLoss, probe_guard
+from probes.functional import FunctionalLoss, probe_guard, twice_differentiable
 
 __all__ = ["AUTO_METHODS", "METHODS", "HessianOperator", "auto_method", "hessian_operator"]
 
@@ -162,7 +164,7 @@ class HessianOperator:
         if b in self._graphs:
             return self._graphs[b]
         theta = self._f.theta0.detach().requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), twice_differentiable():
             loss = self._f.batch_loss(theta, b)
             (g,) = torch.autograd.grad(loss, theta, create_graph=True)
         entry = (theta, g, float(loss.detach()))
@@ -185,7 +187,8 @@ class HessianOperator:
             else:
                 grad_b = torch.func.grad(lambda t, b=b: self._f.batch_loss(t, b))
                 for j in range(cols.shape[1]):
-                    _, hv = torch.func.jvp(grad_b, (self._f.theta0,), (cols[:, j],))
+                    with twice_differentiable():
+                        _, hv = torch.func.jvp(grad_b, (self._f.theta0,), (cols[:, j],))
                     out = _accumulate(out, cols, j, w, hv.detach())
         return out
 

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from probes.activations import capture_layer_inputs, parameterized_layers, select_modules
+from probes.activations import capture_layer_inputs, layer_parameters, parameterized_layers, select_modules
 from probes.functional import (
     FunctionalLoss,
     as_batches,
@@ -203,7 +203,7 @@ def ics_gradient_change(
     name_of = {id(p): n for n, p in params.items()}
     owners: dict[str, list[nn.Module]] = {}  # a tied parameter has several owners
     for module in model.modules():
-        for p in module.parameters(recurse=False):
+        for p in layer_parameters(module):
             if id(p) in name_of:
                 owners.setdefault(name_of[id(p)], []).append(module)
 
@@ -243,7 +243,7 @@ def ics_gradient_change(
         # 3) per layer, G' with the preceding parameters moved
         results = []
         for layer_name, module in ran:
-            own_ids = {id(p) for p in module.parameters(recurse=False)}
+            own_ids = {id(p) for p in layer_parameters(module)}
             own = [n for n, p in params.items() if id(p) in own_ids]
             if not own:  # no trainable parameter of its own
                 continue

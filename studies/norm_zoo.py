@@ -259,7 +259,7 @@ def layer_input_condition_numbers(
     out = {}
     for name, module in modules.items():
         x = inputs[name]
-        if getattr(module, layer_weight_name(module)).dim() == 2:  # linear: features last
+        if module.get_parameter(layer_weight_name(module)).dim() == 2:  # linear: features last
             x = x.reshape(-1, x.shape[-1])
         out[name] = covariance_spectrum(x, layer=name).condition_number
     return out
