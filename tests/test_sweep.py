@@ -27,6 +27,8 @@ from studies.lab.sweep import (
     RequeuedRun,
     RunTask,
     _submitit_executor,
+    execute_run,
+    lost_run_outcome,
     plan_runs,
     run_sweep,
     sweep_status,
@@ -221,6 +223,23 @@ def test_a_preempted_or_timed_out_slurm_task_is_requeued_with_its_run(tmp_path, 
     store.begin(run_id, config, environment(seed=0))  # the killed attempt left an unfinished directory
     outcome = resubmission.function(*resubmission.args)
     assert outcome.status == "done" and store.is_done(run_id) and attempts(attempt_log) == ["none-0"]
+
+
+def test_a_run_lost_with_its_worker_after_its_done_counts_as_finished(tmp_path, attempt_log):
+    """The race behind a broken pool: a worker writes its run's DONE, then the pool breaks (another
+    worker died) before the result comes back. The store decides: that run finished; one that never
+    got to DONE failed, without a FAILED file, and is redone by the next sweep."""
+    store = RunStore(tmp_path, "sweeptoy", "quick")
+    (done_id, done_config), (lost_id, lost_config) = plan_runs(SWEEP, SweepConfig(norms=("bn",), seeds=2))
+    finished = execute_run(RunTask(SWEEP, str(tmp_path), "quick", done_id, done_config))
+    outcome = lost_run_outcome(RunTask(SWEEP, str(tmp_path), "quick", done_id, done_config), "worker died")
+    assert (outcome.status, outcome.records) == ("done", finished.records) and finished.records > 0
+    store.begin(lost_id, lost_config, environment(seed=1))  # started, killed before its DONE
+    outcome = lost_run_outcome(RunTask(SWEEP, str(tmp_path), "quick", lost_id, lost_config), "worker died")
+    assert (outcome.status, outcome.reason) == ("failed", "worker died")
+    assert not (store.run_dir(lost_id) / FAILED).exists() and store.state(lost_id) == "interrupted"
+    again = run_sweep(SWEEP, SweepConfig(norms=("bn",), seeds=2), store, log=quiet)
+    assert again.ran == [lost_id] and again.skipped == [done_id]
 
 
 def test_slurm_without_sbatch_is_a_clear_error(tmp_path, monkeypatch, capsys):

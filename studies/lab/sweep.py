@@ -45,6 +45,7 @@ __all__ = [
     "SweepReport",
     "analyze_study",
     "execute_run",
+    "lost_run_outcome",
     "plan_runs",
     "run_sweep",
     "sweep_status",
@@ -370,12 +371,27 @@ def run_sweep(
     return report
 
 
+def lost_run_outcome(task: RunTask, reason: str) -> RunOutcome:
+    """The outcome of a run whose result was lost with its worker: what the store says.
+
+    A run that wrote its ``DONE`` before the pool broke finished (``done`` or ``diverged``, with its
+    record count); any other is ``failed`` with ``reason`` and no ``FAILED`` file, so the next sweep
+    redoes it."""
+    store = RunStore(Path(task.results), task.study.name, task.preset)
+    if store.is_done(task.run_id):
+        summary = store.summary(task.run_id)
+        status = "diverged" if summary.get("diverged") else "done"
+        return RunOutcome(task.run_id, status, records=int(summary.get("records", 0)))
+    return RunOutcome(task.run_id, "failed", reason=reason)
+
+
 def _run_in_processes(tasks: list[RunTask], workers: int, record: Callable[[RunOutcome], None]) -> None:
     """Tasks in ``workers`` fresh (spawned) processes.
 
     A worker that dies (killed for memory, a crash in native code) breaks the pool: the runs in flight
     and those not started yet are reported failed ("worker process died"), without ``FAILED`` files, and
-    the next sweep redoes them; the runs finished before are kept."""
+    the next sweep redoes them; the runs finished before are kept, including one whose worker wrote its
+    ``DONE`` but whose result the broken pool never delivered (:func:`lost_run_outcome`)."""
     context = multiprocessing.get_context("spawn")  # no fork of a process whose OpenMP threads are up
     with concurrent.futures.ProcessPoolExecutor(
         max_workers=min(workers, len(tasks)), mp_context=context
@@ -387,7 +403,7 @@ def _run_in_processes(tasks: list[RunTask], workers: int, record: Callable[[RunO
                 try:
                     record(future.result())
                 except concurrent.futures.process.BrokenProcessPool as err:
-                    record(RunOutcome(task.run_id, "failed", reason=f"worker process died ({err})"))
+                    record(lost_run_outcome(task, f"worker process died ({err})"))
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
@@ -422,7 +438,7 @@ def _run_on_submitit(
             reason = f"job {job.job_id} failed: {last}"
             if store.run_dir(task.run_id).is_dir() and not store.is_done(task.run_id):
                 store.fail(task.run_id, reason, str(err)[-4000:])
-            record(RunOutcome(task.run_id, "failed", reason=reason))
+            record(lost_run_outcome(task, reason))  # a job that died after its DONE finished its run
 
 
 # --------------------------------------------------------------------------------------------- status
