@@ -18,6 +18,8 @@ __all__ = [
     "capture",
     "capture_layer_inputs",
     "capture_layer_outputs",
+    "feature_axis",
+    "floating_inputs",
     "layer_parameters",
     "layer_weight_name",
     "parameterized_layers",
@@ -52,6 +54,15 @@ def layer_weight_name(module: nn.Module) -> str | None:
     if weight is not None and weight.dim() >= 2:
         return "weight"
     return None
+
+
+def feature_axis(module: nn.Module) -> int:
+    """The axis of ``module``'s input that holds its features: −1 for a layer whose weight is a matrix
+    (``nn.Linear``, also weight-normalized or parametrized, which acts on the last axis as
+    ``F.linear`` does: a transformer's ``(N, T, C)`` tokens are N·T samples of C features), 1 for every
+    other module (the ``(N, C, *spatial)`` convention of convolutions and BN). The same for 2-D input."""
+    name = layer_weight_name(module)
+    return -1 if name is not None and module.get_parameter(name).dim() == 2 else 1
 
 
 def layer_parameters(module: nn.Module) -> list[nn.Parameter]:
@@ -170,3 +181,20 @@ def _concat_into(result: dict[str, Tensor], store: dict[str, list[Tensor]]) -> N
         raise ValueError(f"layers never ran during the capture: {', '.join(never)}")
     for name, values in store.items():
         result[name] = values[0] if len(values) == 1 else torch.cat(values, dim=0)
+
+
+def floating_inputs(inputs: dict[str, Tensor], *, named: bool) -> dict[str, Tensor]:
+    """The captured layer inputs that are real-valued data: an ``nn.Embedding`` (or any layer fed
+    integer or boolean tensors) takes indices, which have no mean, covariance or distribution to
+    compare. Such layers are left out of a default selection (``named=False``); a layer the caller
+    named explicitly raises ``ValueError``."""
+    kept = {name: x for name, x in inputs.items() if x.is_floating_point() or x.is_complex()}
+    if named and len(kept) < len(inputs):
+        bad = [f"{name!r} ({inputs[name].dtype})" for name in inputs if name not in kept]
+        raise ValueError(
+            f"layers: {', '.join(bad)} take indices, not real-valued inputs, so their input has no "
+            "statistics; select the layers after them"
+        )
+    if inputs and not kept:
+        raise ValueError(f"layers: every selected layer ({', '.join(inputs)}) takes indices, not real values")
+    return kept

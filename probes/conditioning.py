@@ -22,6 +22,7 @@ Every model probe runs under :func:`probes.functional.probe_guard` and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from probes.activations import capture_layer_inputs, parameterized_layers, select_modules
+from probes.activations import (
+    capture_layer_inputs,
+    feature_axis,
+    floating_inputs,
+    parameterized_layers,
+    select_modules,
+)
 from probes.functional import as_batches, check_bn, check_loss, norm_mode, probe_guard
 
 __all__ = [
@@ -206,10 +213,9 @@ class LayerConditioning:
 
 
 def _feature_rows(module: nn.Module, a: Tensor) -> Tensor:
-    """A layer's input with its features as the last axis of a matrix: ``nn.Linear`` acts on the last
-    dimension (a transformer's ``(N, T, C)`` tokens are N·T samples of C features); every other layer
-    keeps the ``(N, C, *spatial)`` convention of :func:`covariance_spectrum`."""
-    return a.reshape(-1, a.shape[-1]) if isinstance(module, nn.Linear) else a
+    """A layer's input with its features (:func:`probes.activations.feature_axis`) as the columns of a
+    matrix; inputs ``(N, C, *spatial)`` keep the convention of :func:`covariance_spectrum`."""
+    return a.reshape(-1, a.shape[-1]) if feature_axis(module) == -1 else a
 
 
 def layer_input_conditioning(
@@ -227,7 +233,8 @@ def layer_input_conditioning(
     C_ℓ = Cov(a), its eigenvalues, κ(C_ℓ), effective rank and whiteness ‖C_ℓ/mean(diag C_ℓ) − I‖_F
     (DESIGN.md). Ill-conditioned layer inputs make the layer's Hessian block ill-conditioned (LeCun et
     al. 1998); BN standardizes the diagonal, DBN/IterNorm whiten C (Huang et al. 2018, 2019).
-    ``layers=None``: :func:`default_layers`. ``bn`` as in DESIGN.md.
+    ``layers=None``: :func:`default_layers`, less those fed indices (an ``nn.Embedding``'s token ids:
+    :func:`probes.activations.floating_inputs`). ``bn`` as in DESIGN.md.
     """
     check_bn(bn)
     pairs = as_batches(batches)
@@ -236,6 +243,7 @@ def layer_input_conditioning(
         with capture_layer_inputs(model, modules) as inputs:
             for x, _ in pairs:
                 model(x)
+    inputs = floating_inputs(inputs, named=layers is not None)
     return LayerConditioning(
         {
             name: covariance_spectrum(
@@ -245,6 +253,7 @@ def layer_input_conditioning(
                 probe="layer_input_conditioning",
             )
             for name, module in modules.items()
+            if name in inputs
         }
     )
 
@@ -526,13 +535,35 @@ def normalization_disturbance(
 @dataclass(frozen=True)
 class KFACFactors:
     """The Kronecker factors of one layer's Fisher block F ≈ A ⊗ G (Martens & Grosse 2015) and their
-    spectra (:class:`CovarianceStats` of the uncentered matrices)."""
+    spectra (:class:`CovarianceStats` of the uncentered matrices).
+
+    A grouped convolution (``groups`` = g > 1) has one pair per group, its block F ≈ ⊕ᵢ Aᵢ ⊗ Gᵢ (the
+    weights of different groups never meet): ``A`` is then ``(g, dₐ, dₐ)`` and ``G`` ``(g, d_g, d_g)``,
+    and ``a_stats``/``g_stats`` describe the block-diagonal ⊕ᵢ Aᵢ and ⊕ᵢ Gᵢ (the union of the
+    groups' spectra).
+    """
 
     layer: str
     A: np.ndarray
     G: np.ndarray
     a_stats: CovarianceStats
     g_stats: CovarianceStats
+    groups: int = 1
+
+    @property
+    def condition_number(self) -> float:
+        """κ of the layer's Kronecker-factored block: κ(A)·κ(G); grouped, κ(⊕ᵢ Aᵢ ⊗ Gᵢ) =
+        maxᵢ λmax(Aᵢ)λmax(Gᵢ) / minᵢ λmin(Aᵢ)λmin(Gᵢ) — ``inf`` when some Aᵢ or Gᵢ is singular (the
+        rank rule of the module docstring, per factor), ``nan`` when one is all zero."""
+        if self.groups == 1:
+            return self.a_stats.condition_number * self.g_stats.condition_number
+        pairs = [(spectrum_stats(a), spectrum_stats(g)) for a, g in zip(self.A, self.G, strict=True)]
+        kappas = [sa.condition_number * sg.condition_number for sa, sg in pairs]
+        if not all(np.isfinite(kappas)):
+            return float("nan") if any(np.isnan(kappas)) else float("inf")
+        top = max(sa.eigenvalues[0] * sg.eigenvalues[0] for sa, sg in pairs)
+        bottom = min(sa.eigenvalues[-1] * sg.eigenvalues[-1] for sa, sg in pairs)
+        return float(top / bottom)
 
     def to_records(self) -> list[dict[str, Any]]:
         return self.a_stats.to_records() + self.g_stats.to_records()
@@ -540,7 +571,7 @@ class KFACFactors:
 
 @dataclass(frozen=True)
 class KFACConditioning:
-    """Per layer :class:`KFACFactors`; κ(A ⊗ G) = κ(A)·κ(G)."""
+    """Per layer :class:`KFACFactors`; κ(A ⊗ G) = κ(A)·κ(G) (:attr:`KFACFactors.condition_number`)."""
 
     layers: dict[str, KFACFactors] = field(default_factory=dict)
 
@@ -550,37 +581,61 @@ class KFACConditioning:
     def to_records(self) -> list[dict[str, Any]]:
         rows = [row for f in self.layers.values() for row in f.to_records()]
         for name, f in self.layers.items():
-            kappa = f.a_stats.condition_number * f.g_stats.condition_number
             rows.append(
                 {
                     "probe": "kfac_factor_conditioning",
                     "layer": name,
                     "metric": "condition_number_AxG",
-                    "value": kappa,
+                    "value": f.condition_number,
                 }
             )
         return rows
 
 
+_CONVS = nn.Conv1d | nn.Conv2d | nn.Conv3d
+
+
+def _conv_padding(module: nn.Module) -> list[tuple[int, int]]:
+    """(left, right) padding of each spatial dimension, as the convolution applies it: ``"same"``
+    puts the odd element of d·(k − 1) on the right, as torch does."""
+    if module.padding == "valid":
+        return [(0, 0)] * len(module.kernel_size)
+    if module.padding == "same":
+        totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
+        return [(t // 2, t - t // 2) for t in totals]
+    return [(p, p) for p in module.padding]
+
+
+def _conv_patches(module: nn.Module, a: Tensor) -> Tensor:
+    """The receptive field of every output position of a Conv1d/2d/3d, ``(N·L, groups, C/groups·∏k)``
+    from an input ``(N, C, *spatial)``, each row ordered as the flattened weight ``(C/groups, *k)`` of
+    its group (KFC, Grosse & Martens 2016). Padding as the layer pads (zeros, reflect, replicate,
+    circular; ints or "same")."""
+    d = len(module.kernel_size)
+    widths = [side for pair in reversed(_conv_padding(module)) for side in pair]  # F.pad: last dim first
+    if any(widths):
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        a = F.pad(a, widths, mode=mode)
+    for i, (k, s, dil) in enumerate(zip(module.kernel_size, module.stride, module.dilation, strict=True)):
+        a = a.unfold(2 + i, dil * (k - 1) + 1, s)[..., ::dil]  # appends this dim's window: (..., k)
+    fan_in = a.shape[1] // module.groups * math.prod(module.kernel_size)
+    return a.movedim(1, 1 + d).reshape(-1, module.groups, fan_in)  # (N, C, *L, *k) -> (N, *L, C, *k)
+
+
 def _layer_input_rows(module: nn.Module, a: Tensor) -> Tensor:
-    """Layer input as rows ``(N·positions, fan_in)``: Linear flattens leading dims; Conv2d unfolds
-    patches (KFC, Grosse & Martens 2016)."""
+    """Layer input as rows ``(N·positions, groups, fan_in)``: Linear flattens leading dims (one group);
+    convolutions unfold patches (:func:`_conv_patches`)."""
     if isinstance(module, nn.Linear):
-        return a.reshape(-1, a.shape[-1])
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
-            raise ValueError(
-                f"layers: K-FAC conv factors need groups=1, zero padding given as ints, got {module}"
-            )
-        patches = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)
-        return patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N·L, C·kh·kw)
-    raise ValueError(f"layers: K-FAC factors need nn.Linear or nn.Conv2d, got {type(module).__name__}")
+        return a.reshape(-1, 1, a.shape[-1])
+    return _conv_patches(module, a)
 
 
 def _output_rows(module: nn.Module, g: Tensor) -> Tensor:
-    if isinstance(module, nn.Conv2d):
-        return g.flatten(2).transpose(1, 2).reshape(-1, g.shape[1])  # (N·L, C_out)
-    return g.reshape(-1, g.shape[-1])
+    """Output gradients as rows ``(N·positions, groups, fan_out)``, matching :func:`_layer_input_rows`."""
+    if isinstance(module, _CONVS):
+        rows = g.flatten(2).transpose(1, 2)  # (N, C_out, *L) -> (N, L, C_out)
+        return rows.reshape(-1, module.groups, g.shape[1] // module.groups)
+    return g.reshape(-1, 1, g.shape[-1])
 
 
 def kfac_factor_conditioning(
@@ -597,28 +652,29 @@ def kfac_factor_conditioning(
     A = (1/N) Σₙ āₙ āₙᵀ with ā = [a; 1] when the layer has a bias, and
     G = (1/N) Σₙ gₙ gₙᵀ with gₙ = n_b ∂L_b/∂sₙ, the gradient of the *summed* loss of sample n's batch
     w.r.t. sample n's output (the empirical-Fisher G; with mean losses this is the per-sample gradient).
-    N counts all samples of all ``batches``. Conv2d layers use unfolded patches (KFC, Grosse & Martens
-    2016), each output position an extra row of both factors (so A and G are means over positions and
-    samples; the |T| scaling of KFC does not change condition numbers). ``layers=None``: every
-    ``nn.Linear`` and ``nn.Conv2d``. Gradients come from ``torch.autograd.grad`` on the layer outputs,
-    so no ``.grad`` is written; the model is left as found. Under ``bn="batch"`` gₙ includes the
-    coupling through the batch statistics.
+    N counts all samples of all ``batches``. Convolutions (1-, 2- and 3-d, any stride, dilation and
+    padding) use unfolded patches (KFC, Grosse & Martens 2016), each output position an extra row of
+    both factors (so A and G are means over positions and samples; the |T| scaling of KFC does not
+    change condition numbers); a grouped one has a pair (Aᵢ, Gᵢ) per group (:class:`KFACFactors`).
+    ``layers=None``: every ``nn.Linear`` and ``nn.Conv1d/2d/3d``. Gradients come from
+    ``torch.autograd.grad`` on the layer outputs, so no ``.grad`` is written; the model is left as
+    found. Under ``bn="batch"`` gₙ includes the coupling through the batch statistics.
     """
     check_bn(bn)
     pairs = as_batches(batches)
     if layers is None:
-        modules = {n: m for n, m in model.named_modules() if n and isinstance(m, nn.Linear | nn.Conv2d)}
+        modules = {n: m for n, m in model.named_modules() if n and isinstance(m, nn.Linear | _CONVS)}
         if not modules:
-            raise ValueError("layers: the model has no nn.Linear or nn.Conv2d layer")
+            raise ValueError("layers: the model has no nn.Linear or nn.Conv1d/2d/3d layer")
     else:
         modules = select_modules(model, layers)
     for name, m in modules.items():
-        if not isinstance(m, nn.Linear | nn.Conv2d):
+        if not isinstance(m, nn.Linear | _CONVS):
             raise ValueError(
-                f"layers: K-FAC factors need nn.Linear or nn.Conv2d, got {name!r} ({type(m).__name__})"
+                f"layers: K-FAC factors need nn.Linear or nn.Conv1d/2d/3d, got {name!r} ({type(m).__name__})"
             )
-    a_sums = {name: None for name in modules}
-    g_sums = {name: None for name in modules}
+    a_sums: dict[str, Tensor | None] = {name: None for name in modules}
+    g_sums: dict[str, Tensor | None] = {name: None for name in modules}
     rows = {name: 0 for name in modules}
     with probe_guard(model), norm_mode(model, bn):
         for x, y in pairs:
@@ -649,11 +705,12 @@ def kfac_factor_conditioning(
                 for a, out in calls:
                     g = next(grads)
                     g = torch.zeros_like(out) if g is None else g.detach()
-                    ar = _layer_input_rows(module, a).to(torch.float64)
+                    ar = _layer_input_rows(module, a).to(torch.float64)  # (rows, groups, fan_in)
                     if getattr(module, "bias", None) is not None:
-                        ar = torch.cat([ar, ar.new_ones(ar.shape[0], 1)], dim=1)
-                    gr = _output_rows(module, g).to(torch.float64)
-                    a_sum, g_sum = ar.T @ ar, gr.T @ gr
+                        ar = torch.cat([ar, ar.new_ones(*ar.shape[:2], 1)], dim=2)
+                    gr = _output_rows(module, g).to(torch.float64)  # (rows, groups, fan_out)
+                    a_sum = ar.permute(1, 2, 0) @ ar.transpose(0, 1)  # (groups, fan_in, fan_in)
+                    g_sum = gr.permute(1, 2, 0) @ gr.transpose(0, 1)
                     a_sums[name] = a_sum if a_sums[name] is None else a_sums[name] + a_sum
                     g_sums[name] = g_sum if g_sums[name] is None else g_sums[name] + g_sum
                     rows[name] += ar.shape[0]
@@ -661,12 +718,15 @@ def kfac_factor_conditioning(
     for name in modules:
         a_mat = a_sums[name] / rows[name]
         g_mat = g_sums[name] / rows[name]
+        groups, n = a_mat.shape[0], rows[name]
+        a_out, g_out = (a_mat[0], g_mat[0]) if groups == 1 else (a_mat, g_mat)
         result[name] = KFACFactors(
             layer=name,
-            A=a_mat.cpu().numpy(),
-            G=g_mat.cpu().numpy(),
-            a_stats=spectrum_stats(a_mat, n_samples=rows[name], layer=name, probe="kfac_A"),
-            g_stats=spectrum_stats(g_mat, n_samples=rows[name], layer=name, probe="kfac_G"),
+            A=a_out.cpu().numpy(),
+            G=g_out.cpu().numpy(),
+            a_stats=spectrum_stats(torch.block_diag(*a_mat), n_samples=n, layer=name, probe="kfac_A"),
+            g_stats=spectrum_stats(torch.block_diag(*g_mat), n_samples=n, layer=name, probe="kfac_G"),
+            groups=groups,
         )
     return KFACConditioning(result)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import random
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -199,9 +200,27 @@ def check_bn(bn: str) -> None:
 def is_batch_dependent(module: nn.Module) -> bool:
     """A layer that normalizes with batch statistics in training: torch's BatchNorm and whybn's zoo alike.
 
-    Both follow torch.nn.BatchNorm's convention of a ``track_running_stats`` attribute.
+    Both follow torch.nn.BatchNorm's convention of a ``track_running_stats`` attribute. A module with
+    ``running_mean``/``running_var`` buffers but no such attribute is not recognized: :func:`norm_mode`
+    warns, naming its class, and runs it in eval mode under ``bn="batch"``.
     """
     return hasattr(module, "track_running_stats")
+
+
+_RUNNING_BUFFERS = {"running_mean", "running_var"}
+
+
+def _warn_unrecognized_norm(module: nn.Module) -> None:
+    cls = type(module).__name__
+    warnings.warn(
+        f"bn='batch': {cls} has running-statistics buffers but no track_running_stats attribute, so "
+        "whybn cannot tell that it normalizes with batch statistics and runs it in eval mode (with its "
+        f"running statistics). If {cls} is a batch norm, give it torch's convention: an attribute "
+        "track_running_stats (normalize with the batch while training; update the running statistics "
+        "only if it is True).",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 @contextmanager
@@ -216,8 +235,10 @@ def norm_mode(model: nn.Module, bn: str = "batch") -> Iterator[nn.Module]:
     check_bn(bn)
     saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
     try:
-        for m, training, _ in saved:
+        for m, training, track in saved:
             batch = bn == "batch" and is_batch_dependent(m)
+            if bn == "batch" and track is None and _RUNNING_BUFFERS & m._buffers.keys():
+                _warn_unrecognized_norm(m)
             if training != batch:  # Module.__setattr__ is slow: set only what changes
                 m.training = batch
             if batch:

@@ -45,7 +45,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from probes.activations import capture_layer_inputs, layer_parameters, parameterized_layers, select_modules
+from probes.activations import (
+    capture_layer_inputs,
+    feature_axis,
+    floating_inputs,
+    layer_parameters,
+    parameterized_layers,
+    select_modules,
+)
 from probes.functional import (
     FunctionalLoss,
     as_batches,
@@ -334,10 +341,14 @@ def _inputs_of(batch: Tensor | Batches) -> list[Tensor]:
     return [x for x, _ in as_batches(batch)]
 
 
-def _per_unit(x: Tensor) -> Tensor:
-    """``(N, C, *spatial)`` → ``(C, N·S)``: each unit's samples (a 1-D input is one unit)."""
+def _per_unit(module: nn.Module, x: Tensor) -> Tensor:
+    """``(N, C, *spatial)`` → ``(C, N·S)``: each unit's samples (a 1-D input is one unit); a layer whose
+    features are the last axis (:func:`probes.activations.feature_axis`: ``nn.Linear`` on ``(N, T, C)``
+    tokens) pools the leading axes instead."""
     if x.dim() == 1:
         return x.reshape(1, -1)
+    if feature_axis(module) == -1:
+        return x.reshape(-1, x.shape[-1]).T
     return x.transpose(0, 1).reshape(x.shape[1], -1)
 
 
@@ -351,10 +362,12 @@ def layer_input_statistics(
 ) -> InputStatistics:
     """The distribution of each layer's input on a fixed probe batch (Ioffe & Szegedy 2015).
 
-    For unit c (dim 1; batch and spatial positions pooled into samples x_{c,1..M}): the mean μ_c, the
-    population variance σ²_c = mean_m (x_{c,m} − μ_c)², the requested percentiles (linear
+    For unit c (dim 1, or the last axis for a layer whose weight is a matrix:
+    :func:`probes.activations.feature_axis`; the other axes pooled into samples x_{c,1..M}): the mean
+    μ_c, the population variance σ²_c = mean_m (x_{c,m} − μ_c)², the requested percentiles (linear
     interpolation), and the sorted samples. ``batch``: inputs, an ``(inputs, targets)`` pair or several
-    (their layer inputs are pooled). ``layers``: default every parameterized layer (module docstring);
+    (their layer inputs are pooled). ``layers``: default every parameterized layer (module docstring)
+    except those fed indices (an ``nn.Embedding``: :func:`probes.activations.floating_inputs`);
     names, modules or types select others (any module). ``bn`` as everywhere: ``"batch"`` normalizes
     with the probe batch's statistics, ``"running"`` with the running ones. The model is left as found.
     """
@@ -382,9 +395,10 @@ def layer_input_statistics(
         finally:
             for h in handles:
                 h.remove()
+    inputs = floating_inputs(inputs, named=layers is not None)
     stats = []
     for name in sorted(inputs, key=order.__getitem__):
-        samples = _per_unit(inputs[name]).double()  # (units, M)
+        samples = _per_unit(modules[name], inputs[name]).double()  # (units, M)
         ordered = torch.sort(samples, dim=1).values
         q = torch.tensor(levels, dtype=torch.float64) / 100
         stats.append(

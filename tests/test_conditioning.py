@@ -294,6 +294,101 @@ def test_kfac_conv_factors_use_unfolded_patches():
     assert first.a_stats.n_samples == len(rows)
 
 
+CONVS = {
+    # 1-d, groups of 2, "same" with an even kernel (asymmetric padding), reflect padding
+    "conv1d_same_reflect_grouped": (
+        lambda: nn.Conv1d(4, 6, 4, padding="same", groups=2, padding_mode="reflect"),
+        (5, 4, 9),
+    ),
+    # depthwise 2-d, stride 2, circular padding: each group's G is 1 × 1
+    "conv2d_depthwise_circular": (
+        lambda: nn.Conv2d(3, 3, 3, stride=2, padding=1, groups=3, padding_mode="circular"),
+        (4, 3, 7, 6),
+    ),
+    # 2-d, rectangular kernel, anisotropic stride and dilation, replicate padding, no bias
+    "conv2d_dilated_replicate": (
+        lambda: nn.Conv2d(
+            2, 3, (2, 3), stride=(1, 2), dilation=(2, 1), padding=(1, 0), bias=False, padding_mode="replicate"
+        ),
+        (4, 2, 6, 7),
+    ),
+    "conv3d_grouped": (lambda: nn.Conv3d(2, 4, 2, padding=1, groups=2), (3, 2, 3, 4, 3)),
+}
+
+
+@pytest.mark.parametrize("kind", list(CONVS))
+def test_kfac_conv_factors_equal_weight_jacobians(kind):
+    """Any Conv1d/2d/3d: row (n, position) of A is ∂s[n, o, position]/∂(W[o], b[o]) for an output
+    channel o of the group — the patch, read off the convolution itself by ``torch.func.jacrev`` — and
+    G's rows are ∂(N·L)/∂s split by group; κ of the block-diagonal ⊕ᵢ Aᵢ ⊗ Gᵢ from its eigenvalues."""
+    make, shape = CONVS[kind]
+    torch.manual_seed(0)
+    conv = make().double()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, dtype=torch.float64, generator=gen)
+    n_out = conv(x)[0].numel()
+    model = nn.Sequential(conv, nn.Flatten(), nn.Tanh(), nn.Linear(n_out, 3)).double()
+    y = torch.randint(0, 3, (shape[0],), generator=gen)
+    state = ModelState.capture(model)
+    result = kfac_factor_conditioning(model, F.cross_entropy, (x, y), layers=["0"])["0"]
+    assert state.differences(model) == []
+
+    groups, c_out = conv.groups, conv.out_channels
+    per_group = c_out // groups
+    params = dict(conv.named_parameters())
+
+    def out_of(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return torch.func.functional_call(conv, {"weight": w, **({"bias": b} if b is not None else {})}, (x,))
+
+    w_jac = torch.func.jacrev(out_of)(
+        params["weight"].detach(), None if conv.bias is None else conv.bias.detach()
+    )
+    w_jac = w_jac.reshape(shape[0], c_out, -1, c_out, params["weight"][0].numel())  # (N, o, L, o', fan_in)
+    s = conv(x).detach().requires_grad_()
+    g = torch.autograd.grad(F.cross_entropy(model[1:](s), y) * shape[0], s)[0].flatten(2)  # (N, C_out, L)
+    a_expected, g_expected = [], []
+    for i in range(groups):
+        o = i * per_group  # patches are the same for every output channel of the group
+        patches = w_jac[:, o, :, o].reshape(-1, w_jac.shape[-1])  # (N·L, C_in/groups·∏k)
+        if conv.bias is not None:
+            patches = torch.cat([patches, torch.ones(len(patches), 1, dtype=torch.float64)], dim=1)
+        rows = g[:, o : o + per_group].transpose(1, 2).reshape(-1, per_group)
+        a_expected.append(patches.T @ patches / len(patches))
+        g_expected.append(rows.T @ rows / len(rows))
+    a_blocks, g_blocks = torch.stack(a_expected), torch.stack(g_expected)  # (groups, d, d)
+    assert result.groups == groups
+    squeeze = (lambda t: t[0]) if groups == 1 else (lambda t: t)  # one group: plain matrices
+    np.testing.assert_allclose(result.A, squeeze(a_blocks), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(result.G, squeeze(g_blocks), rtol=1e-12, atol=1e-14)
+    kron = [torch.kron(a, gg) for a, gg in zip(a_blocks, g_blocks, strict=True)]
+    lam = torch.linalg.eigvalsh(torch.block_diag(*kron))
+    assert lam[0] > 1e-8 * lam[-1]
+    assert result.condition_number == pytest.approx(float(lam[-1] / lam[0]), rel=1e-9)
+    (row,) = [r for r in result_records(model, x, y) if r["metric"] == "condition_number_AxG"]
+    assert row["value"] == pytest.approx(result.condition_number, rel=1e-12)
+    union = torch.linalg.eigvalsh(torch.block_diag(*a_blocks))
+    np.testing.assert_allclose(np.sort(result.a_stats.eigenvalues), union.numpy(), rtol=1e-9, atol=1e-13)
+
+
+def result_records(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[dict]:
+    return kfac_factor_conditioning(model, F.cross_entropy, (x, y), layers=["0"]).to_records()
+
+
+def test_kfac_grouped_condition_number_is_infinite_when_one_group_is_singular():
+    """A group whose input channel is constant has a rank-one Aᵢ (kernel 2, no bias): the layer's block
+    ⊕ᵢ Aᵢ ⊗ Gᵢ is singular, κ = inf, though the other group's factors are well conditioned."""
+    torch.manual_seed(0)
+    conv = nn.Conv1d(2, 2, 2, groups=2, bias=False).double()
+    model = nn.Sequential(conv, nn.Flatten(), nn.Linear(8, 3)).double()
+    x = torch.randn(8, 2, 5, dtype=torch.float64)
+    x[:, 1] = 1.5
+    result = kfac_factor_conditioning(model, F.cross_entropy, (x, torch.arange(8) % 3), layers=["0"])["0"]
+    assert result.A.shape == (2, 2, 2) and result.G.shape == (2, 1, 1)
+    np.testing.assert_allclose(result.A[1], np.full((2, 2), 2.25), rtol=1e-15)
+    assert np.isfinite(np.linalg.cond(result.A[0])) and result.G.min() > 0
+    assert result.condition_number == math.inf
+
+
 def test_layer_input_conditioning_of_token_inputs_pools_tokens():
     """A linear layer on (N, T, C) tokens acts on C: its input covariance is C × C over the N·T tokens."""
     torch.manual_seed(3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -152,3 +154,65 @@ def test_in_one_allocation_copies_into_views_of_one_buffer():
     assert [c.dtype for c in mixed] == [torch.float32, torch.float64]  # one buffer each, values kept
     assert all(torch.equal(c, torch.ones_like(c)) for c in mixed)
     assert in_one_allocation([]) == []
+
+
+class HandBatchNorm(nn.Module):
+    """A user's batch norm: batch statistics in training, running ones in eval; ``track`` decides
+    whether it follows torch's ``track_running_stats`` convention."""
+
+    def __init__(self, width: int, *, track: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, width, dtype=torch.float64))
+        self.register_buffer("running_mean", torch.full((width,), 0.3, dtype=torch.float64))
+        self.register_buffer("running_var", torch.full((width,), 2.0, dtype=torch.float64))
+        if track:
+            self.track_running_stats = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            mean, var = x.mean(0), x.var(0, unbiased=False)
+            if getattr(self, "track_running_stats", True):
+                with torch.no_grad():
+                    self.running_mean.lerp_(mean, 0.1)
+                    self.running_var.lerp_(var, 0.1)
+        else:
+            mean, var = self.running_mean, self.running_var
+        return (x - mean) / torch.sqrt(var + 1e-5) * self.weight
+
+
+def test_a_batch_norm_without_track_running_stats_is_named_in_a_warning():
+    """Under bn="batch" an unrecognized BN would silently use its running statistics: warned, by class;
+    under bn="running" eval mode is right, so nothing is said."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    model = nn.Sequential(nn.Linear(3, 3).double(), HandBatchNorm(3, track=False))
+    state = ModelState.capture(model)
+    with pytest.warns(
+        UserWarning, match="HandBatchNorm has running-statistics buffers but no track_running_stats"
+    ):
+        f, theta = functional_loss(model, F.cross_entropy, (x, y), bn="batch")
+        eval_loss = f(theta)
+    assert eval_loss.item() == pytest.approx(F.cross_entropy(model.eval()(x), y).item(), rel=1e-14)
+    model.train()
+    assert state.differences(model) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with norm_mode(model, "running"):
+            pass
+
+
+def test_a_batch_norm_with_track_running_stats_is_run_on_batch_statistics():
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    model = nn.Sequential(nn.Linear(3, 3).double(), HandBatchNorm(3, track=True))
+    state = ModelState.capture(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f, theta = functional_loss(model, F.cross_entropy, (x, y), bn="batch")
+        loss = f(theta)
+    h = model[0](x)
+    batch_stats = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + 1e-5) * model[1].weight
+    assert loss.item() == pytest.approx(F.cross_entropy(batch_stats, y).item(), rel=1e-14)
+    assert state.differences(model) == []

@@ -1,0 +1,57 @@
+"""Input-statistics probes on a token model: an ``nn.Embedding`` takes indices, which have no statistics,
+and an ``nn.Linear`` on ``(N, T, C)`` tokens has C features, each pooled over the N·T tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from probes.activations import feature_axis
+from probes.conditioning import layer_input_conditioning
+from probes.functional import ModelState
+from probes.ics import layer_input_statistics
+
+
+def token_model() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(11, 4), nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    ids = torch.randint(0, 11, (5, 7), generator=torch.Generator().manual_seed(1))
+    return model, ids
+
+
+def test_feature_axis_is_last_for_matrix_weights_only():
+    assert feature_axis(nn.Linear(3, 2)) == -1
+    assert feature_axis(nn.utils.parametrizations.weight_norm(nn.Linear(3, 2))) == -1
+    assert feature_axis(nn.Conv1d(3, 2, 1)) == 1
+    assert feature_axis(nn.BatchNorm1d(3)) == 1
+
+
+def test_input_statistics_skip_the_embedding_and_pool_tokens():
+    model, ids = token_model()
+    state = ModelState.capture(model)
+    stats = layer_input_statistics(model, ids)
+    conditioning = layer_input_conditioning(model, (ids, torch.zeros(5)))
+    assert state.differences(model) == []
+    assert [s.layer for s in stats.layers] == ["1", "3"] and list(conditioning.layers) == ["1", "3"]
+    tokens = model[0](ids).detach().reshape(-1, 4)  # (N·T, C): the first Linear's input
+    hidden = torch.relu(model[1](tokens)).detach()
+    for name, rows in (("1", tokens), ("3", hidden)):
+        s = stats[name]
+        np.testing.assert_allclose(s.mean, rows.mean(0).numpy(), rtol=1e-12)
+        np.testing.assert_allclose(s.var, rows.var(0, unbiased=False).numpy(), rtol=1e-12)
+        assert s.sorted_samples.shape == (rows.shape[1], 35)
+        expected = np.linalg.eigvalsh(np.cov(rows.numpy(), rowvar=False, bias=True))[::-1]
+        np.testing.assert_allclose(conditioning[name].eigenvalues, expected.clip(0), rtol=1e-9, atol=1e-14)
+        assert conditioning[name].n_samples == 35
+
+
+def test_naming_an_index_fed_layer_is_an_error():
+    model, ids = token_model()
+    with pytest.raises(ValueError, match=r"layers: '0' \(torch.int64\) take indices"):
+        layer_input_statistics(model, ids, layers=["0", "1"])
+    with pytest.raises(ValueError, match=r"layers: '0' \(torch.int64\) take indices"):
+        layer_input_conditioning(model, (ids, torch.zeros(5)), layers=[nn.Embedding])
+    with pytest.raises(ValueError, match=r"every selected layer \(0\) takes indices"):
+        layer_input_statistics(nn.Sequential(nn.Embedding(11, 4), nn.Flatten()).double(), ids)
