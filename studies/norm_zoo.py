@@ -39,12 +39,9 @@ the transformer), norm before the activation (pre-norm in the transformer). Per 
   landscape_along_gradient`` at η = lr × ``step_multipliers``), ICS (``probes.ics.ics_gradient_change``
   with the run's own optimizer: relative ℓ2 ‖G − G'‖/‖G‖ per layer, layers with nothing before them
   left out, then the mean over layers) and the layer-input condition number κ of every
-  parameterized layer's input covariance (mean of log κ and median of κ over layers).
-  ``probes.conditioning.layer_input_conditioning`` treats dimension 1 as the feature dimension, which
-  for the transformer's linear layers (inputs ``(N, T, C)``) would be the tokens; the conditioning
-  here is therefore computed by :func:`layer_input_condition_numbers`: the same covariance spectra
-  (``covariance_spectrum``, same guard and ``bn`` mode) with linear layers' inputs reshaped to
-  ``(N·T, C)``.
+  parameterized layer's input covariance (``probes.conditioning.layer_input_conditioning``, whose
+  features of a transformer's linear layer are the C of its ``(N, T, C)`` tokens; mean of log κ and
+  median of κ over layers).
 
 Quick preset: MNIST-1D (4000 train / 1000 test), MLP 3×64, VGG 4 convs (widths 8-16), ResNet-8
 (width 8), transformer 2 blocks of width 32 (4 heads, patch 4), 160 updates (2.6 epochs), 2 seeds;
@@ -108,9 +105,8 @@ from torch import Tensor, nn
 
 from analysis.claims import Claim, test_claim
 from analysis.style import NORM_LABELS, norm_palette, ordered_norms, save_figure, use_style
-from probes.activations import capture_layer_inputs, layer_weight_name
-from probes.conditioning import covariance_spectrum, default_layers
-from probes.functional import norm_mode, probe_guard
+from probes.conditioning import layer_input_conditioning
+from probes.functional import norm_mode
 from probes.hessian import hessian_eigenvalues, hessian_trace
 from probes.ics import ics_gradient_change
 from probes.smoothness import landscape_along_gradient
@@ -246,23 +242,11 @@ def grid(config: Config) -> list[dict[str, Any]]:
 def layer_input_condition_numbers(
     model: nn.Module, batch: tuple[Tensor, Tensor], *, bn: str = "batch"
 ) -> dict[str, float]:
-    """κ of the input covariance of every parameterized layer, by qualified name.
-
-    As :func:`probes.conditioning.layer_input_conditioning` (same guard, ``bn`` mode and spectra), but
-    the features of a linear layer are its input's *last* dimension (``(N, T, C)`` → ``(N·T, C)``),
-    those of a convolution its channels (``(N, C, *spatial)`` pools the positions).
-    """
-    modules = default_layers(model)
-    with probe_guard(model), torch.no_grad(), norm_mode(model, bn):
-        with capture_layer_inputs(model, modules) as inputs:
-            model(batch[0])
-    out = {}
-    for name, module in modules.items():
-        x = inputs[name]
-        if module.get_parameter(layer_weight_name(module)).dim() == 2:  # linear: features last
-            x = x.reshape(-1, x.shape[-1])
-        out[name] = covariance_spectrum(x, layer=name).condition_number
-    return out
+    """κ of the input covariance of every parameterized layer, by qualified name
+    (:func:`probes.conditioning.layer_input_conditioning`: a linear layer's features are its input's
+    last dimension, ``(N, T, C)`` → ``(N·T, C)``; a convolution's its channels)."""
+    spectra = layer_input_conditioning(model, batch, bn=bn).layers
+    return {name: stats.condition_number for name, stats in spectra.items()}
 
 
 Probe = Callable[[ProbeContext], list[dict[str, Any]]]
