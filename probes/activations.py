@@ -152,35 +152,38 @@ def capture(
 
 @contextmanager
 def capture_layer_inputs(
-    model: nn.Module, layers=None, *, detach: bool = True
+    model: nn.Module, layers=None, *, detach: bool = True, must_run: bool = True
 ) -> Iterator[dict[str, Tensor]]:
     """Like :func:`capture` for inputs, but each layer's calls are concatenated along the batch.
 
-    The dict is filled when the block exits; a layer that never ran raises ``ValueError``.
+    The dict is filled when the block exits. A layer that never ran raises ``ValueError``; with
+    ``must_run=False`` it is left out of the dict instead (a default selection that includes, say, an
+    auxiliary head the forward pass does not call). Nothing ran at all: ``ValueError`` either way.
     """
     result: dict[str, Tensor] = {}
     with capture(model, layers, what="input", detach=detach) as store:
         yield result
-    _concat_into(result, store)
+    _concat_into(result, store, must_run)
 
 
 @contextmanager
 def capture_layer_outputs(
-    model: nn.Module, layers=None, *, detach: bool = True
+    model: nn.Module, layers=None, *, detach: bool = True, must_run: bool = True
 ) -> Iterator[dict[str, Tensor]]:
     """Like :func:`capture_layer_inputs`, for outputs."""
     result: dict[str, Tensor] = {}
     with capture(model, layers, what="output", detach=detach) as store:
         yield result
-    _concat_into(result, store)
+    _concat_into(result, store, must_run)
 
 
-def _concat_into(result: dict[str, Tensor], store: dict[str, list[Tensor]]) -> None:
-    never = [name for name, values in store.items() if not values]
-    if never:
+def _concat_into(result: dict[str, Tensor], store: dict[str, list[Tensor]], must_run: bool) -> None:
+    never = [name or "<model>" for name, values in store.items() if not values]
+    if never and (must_run or len(never) == len(store)):
         raise ValueError(f"layers never ran during the capture: {', '.join(never)}")
     for name, values in store.items():
-        result[name] = values[0] if len(values) == 1 else torch.cat(values, dim=0)
+        if values:
+            result[name] = values[0] if len(values) == 1 else torch.cat(values, dim=0)
 
 
 def floating_inputs(inputs: dict[str, Tensor], *, named: bool) -> dict[str, Tensor]:

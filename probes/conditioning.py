@@ -240,7 +240,7 @@ def layer_input_conditioning(
     pairs = as_batches(batches)
     modules = _resolve_layers(model, layers)
     with probe_guard(model), torch.no_grad(), norm_mode(model, bn):
-        with capture_layer_inputs(model, modules) as inputs:
+        with capture_layer_inputs(model, modules, must_run=layers is not None) as inputs:
             for x, _ in pairs:
                 model(x)
     inputs = floating_inputs(inputs, named=layers is not None)
@@ -361,7 +361,7 @@ def rank_collapse(
         try:
             for name, m in candidates.items():
                 handles.append(m.register_forward_pre_hook(hook_for(name)))
-            with capture_layer_inputs(model, candidates) as inputs:
+            with capture_layer_inputs(model, candidates, must_run=layer is not None) as inputs:
                 model(x)
         finally:
             for h in handles:
@@ -687,18 +687,22 @@ def kfac_factor_conditioning(
                 return hook
 
             handles = [m.register_forward_hook(hook_for(n)) for n, m in modules.items()]
+            # a differentiable input: G is defined for frozen layers too (∂L/∂s needs no trainable W)
+            x_in = x.detach().requires_grad_() if x.is_floating_point() else x
             try:
                 with torch.enable_grad():
-                    loss = check_loss(loss_fn(model(x), y))
+                    loss = check_loss(loss_fn(model(x_in), y))
             finally:
                 for h in handles:
                     h.remove()
             never = [n for n, calls in store.items() if not calls]
-            if never:
+            if never and (layers is not None or len(never) == len(store)):
                 raise ValueError(f"layers never ran during the forward pass: {', '.join(never)}")
             outs = [out for calls in store.values() for _, out in calls]
             if not loss.requires_grad or not all(o.requires_grad for o in outs):
-                raise ValueError("layers: a layer output does not depend on any trainable tensor")
+                raise ValueError(
+                    "layers: a layer output does not depend on the input or any trainable tensor"
+                )
             grads = iter(torch.autograd.grad(loss * x.shape[0], outs, allow_unused=True))
             for name, calls in store.items():
                 module = modules[name]
@@ -716,6 +720,8 @@ def kfac_factor_conditioning(
                     rows[name] += ar.shape[0]
     result = {}
     for name in modules:
+        if rows[name] == 0:  # never ran, in a default selection (an auxiliary head)
+            continue
         a_mat = a_sums[name] / rows[name]
         g_mat = g_sums[name] / rows[name]
         groups, n = a_mat.shape[0], rows[name]

@@ -55,7 +55,8 @@ BN_RELU_GRADIENT_GROWTH = math.sqrt(math.pi / (math.pi - 1))
 
 
 def _forward_order(model: nn.Module, names: list[str], x: Tensor, bn: str) -> list[str]:
-    """``names`` sorted by the first call of their module in one (guarded, gradient-free) forward pass."""
+    """``names`` sorted by the first call of their module in one (guarded, gradient-free) forward pass;
+    those never called (an auxiliary head the forward pass skips) are left out."""
     modules = dict(model.named_modules())
     order: dict[str, int] = {}
 
@@ -72,7 +73,9 @@ def _forward_order(model: nn.Module, names: list[str], x: Tensor, bn: str) -> li
     finally:
         for h in handles:
             h.remove()
-    return sorted(names, key=lambda n: order.get(n, len(names) + names.index(n)))
+    if not order:
+        raise ValueError(f"layers: none of the model's parameterized layers ran: {', '.join(names)}")
+    return sorted(order, key=order.__getitem__)
 
 
 def ordered_layers(
@@ -85,7 +88,8 @@ def ordered_layers(
     """``(module name, parameter name)`` of each parameterized layer (see the module docstring).
 
     ``layers=None``: every parameterized layer of ``model``, in forward order when ``example`` inputs
-    are given (else registration order); otherwise the named modules or modules, in the order given.
+    are given, less those the forward pass never calls (else registration order); otherwise the named
+    modules or modules, in the order given.
     ``ValueError`` when the model has none, or a requested layer is unknown or owns no weight.
     """
     check_bn(bn)

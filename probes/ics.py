@@ -389,7 +389,7 @@ def layer_input_statistics(
 
         handles = [m.register_forward_pre_hook(stamp(name)) for name, m in modules.items()]
         try:
-            with capture_layer_inputs(model, modules) as inputs:
+            with capture_layer_inputs(model, modules, must_run=layers is not None) as inputs:
                 for x in xs:
                     model(x)
         finally:

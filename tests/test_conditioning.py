@@ -25,6 +25,7 @@ from probes.conditioning import (
     whitening_transform,
 )
 from probes.functional import ModelState, norm_mode
+from probes.ics import layer_input_statistics
 from studies.lab.norms import DecorrelatedBatchNorm, IterNorm
 from tests.cases import net_case
 
@@ -155,8 +156,12 @@ def test_bad_inputs_name_the_argument():
     case = net_case("mlp", "none")
     model, batch = case.model, case.batches[0]
     model.unused = nn.Linear(2, 2).double()
-    with pytest.raises(ValueError, match="layers"):
-        layer_input_conditioning(model, batch)
+    with pytest.raises(ValueError, match="layers never ran during the capture: unused"):
+        layer_input_conditioning(model, batch, layers=["unused", "head"])
+    with pytest.raises(ValueError, match="layers never ran during the forward pass: unused"):
+        kfac_factor_conditioning(model, case.loss_fn, batch, layers=["unused"])
+    with pytest.raises(ValueError, match="layers never ran during the capture: unused"):
+        rank_collapse(model, batch, layer="unused")
     with pytest.raises(ValueError, match="layers"):
         layer_input_conditioning(nn.Sequential(nn.ReLU()), batch)
     with pytest.raises(ValueError, match="bn"):
@@ -171,6 +176,33 @@ def test_bad_inputs_name_the_argument():
         rank_collapse(model, [batch, batch])
     with pytest.raises(ValueError, match="layers"):
         kfac_factor_conditioning(nn.Sequential(nn.ReLU()), F.cross_entropy, batch)
+
+
+def test_a_layer_that_never_runs_is_left_out_of_the_default_selection():
+    """An auxiliary head the forward pass does not call: the default selection measures the layers that
+    ran (as ``ics_gradient_change`` does), and rank collapse is taken at the last layer that ran."""
+    case = net_case("mlp", "none")
+    model, batch = case.model, case.batches[0]
+    before = layer_input_conditioning(model, batch)
+    rank = rank_collapse(model, batch)
+    kfac = kfac_factor_conditioning(model, case.loss_fn, batch)
+    stats = layer_input_statistics(model, batch)
+    model.aux = nn.Linear(2, 3).double()
+    state = ModelState.capture(model)
+    after = layer_input_conditioning(model, batch)
+    assert list(after.layers) == list(before.layers) and "aux" not in after.layers
+    for name in before.layers:
+        np.testing.assert_array_equal(after[name].eigenvalues, before[name].eigenvalues)
+    assert rank_collapse(model, batch).layer == rank.layer == "head"
+    np.testing.assert_array_equal(rank_collapse(model, batch).singular_values, rank.singular_values)
+    kfac_after = kfac_factor_conditioning(model, case.loss_fn, batch)
+    assert list(kfac_after.layers) == list(kfac.layers)
+    np.testing.assert_array_equal(kfac_after["head"].G, kfac["head"].G)
+    stats_after = layer_input_statistics(model, batch)
+    assert [s.layer for s in stats_after.layers] == [s.layer for s in stats.layers]
+    with pytest.raises(ValueError, match="never ran during the capture: aux"):
+        layer_input_statistics(model, batch, layers=["aux"])
+    assert state.differences(model) == []
 
 
 # ----------------------------------------------------------------------------------- rank collapse
@@ -278,6 +310,23 @@ def test_kfac_factors_equal_hand_computed():
         assert result[name].a_stats.condition_number == pytest.approx(lam[-1] / lam[0])
     assert result["2"].G.shape == (3, 3) and result["0"].A.shape == (4, 4)
     assert any(r["metric"] == "condition_number_AxG" for r in result.to_records())
+
+
+def test_kfac_factors_of_a_frozen_layer_are_those_of_the_trainable_one():
+    """G = ∂(N·L)/∂s needs no trainable weight: freezing the first layer (fine-tuning) changes no factor."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    gen = torch.Generator().manual_seed(1)
+    batch = (torch.randn(9, 3, generator=gen, dtype=torch.float64), torch.randint(0, 3, (9,), generator=gen))
+    trainable = kfac_factor_conditioning(model, F.cross_entropy, batch)
+    model[0].requires_grad_(False)
+    state = ModelState.capture(model)
+    frozen = kfac_factor_conditioning(model, F.cross_entropy, batch)
+    assert state.differences(model) == []
+    for name in ("0", "2"):
+        np.testing.assert_allclose(frozen[name].A, trainable[name].A, rtol=1e-15)
+        np.testing.assert_allclose(frozen[name].G, trainable[name].G, rtol=1e-13)
+    assert not np.allclose(frozen["0"].G, 0)
 
 
 def test_kfac_conv_factors_use_unfolded_patches():

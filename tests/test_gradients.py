@@ -124,6 +124,25 @@ def test_gradient_norms_match_autograd_forward_order_and_records():
     assert layer_gradient_norms(Reversed(), F.cross_entropy, (x, y % 2)).layers == ("early", "late")
 
 
+def test_a_layer_that_never_runs_is_left_out_of_the_default_selection():
+    """An auxiliary head the forward pass skips has no gradient to grow: by default it is left out (its
+    zero gradient would make the last depth ratio inf and the growth rate nan)."""
+    case = CASES["mlp-bn"]()
+    batch = case.batches[0]
+    before = layer_gradient_norms(case.model, case.loss_fn, batch)
+    opt = torch.optim.SGD(case.model.parameters(), lr=0.1, momentum=0.9)
+    ratios = update_to_weight_ratios(case.model, case.loss_fn, batch, opt)
+    case.model.aux = nn.Linear(4, 3).double()
+    opt.add_param_group({"params": case.model.aux.parameters()})
+    after = layer_gradient_norms(case.model, case.loss_fn, batch)
+    assert after.layers == before.layers and "aux" not in after.layers
+    np.testing.assert_array_equal(after.grad_norms, before.grad_norms)
+    assert np.isfinite(after.growth_rate) and after.growth_rate == before.growth_rate
+    assert update_to_weight_ratios(case.model, case.loss_fn, batch, opt).layers == ratios.layers
+    named = layer_gradient_norms(case.model, case.loss_fn, batch, layers=["head", "aux"])
+    assert named.grad_norms[1] == 0.0  # named: the gradient of a weight the loss does not use
+
+
 @pytest.mark.parametrize(
     ("layers", "match"),
     [(["nope"], "no module named"), (["blocks.0.norm"], "owns no"), ("head", "expected a list")],
