@@ -143,6 +143,15 @@ def _run_one(
         f"{len(report.skipped)} already finished, {len(report.busy)} running elsewhere, "
         f"{len(report.failed)} failed, in {report.seconds:.1f}s"
     )
+    if report.failed:
+        first_id, first_reason = next(iter(report.failed.items()))
+        failures = (
+            f"{len(report.failed)} run(s) failed, the first ({first_id}) with {first_reason}; "
+            f"`whybn status {study.name} --preset {args.preset} --results {args.results}` lists them"
+        )
+        if not report.ran and not report.skipped and not report.busy:
+            print(f"{study.name}: no run finished, so there is nothing to draw: {failures}")
+            return 1
     try:
         paths = analyze_study(study, config, store)
     except FileNotFoundError as err:
@@ -150,6 +159,15 @@ def _run_one(
             print(f"{study.name}: no finished runs yet to draw ({err})")
             return 0 if report.ok else 1
         raise CLIError(str(err)) from None
+    except Exception as err:
+        if not report.failed:
+            raise
+        print(
+            f"whybn: {study.name}: drawing the figures from the runs that finished failed "
+            f"({type(err).__name__}: {err}); {failures}",
+            file=sys.stderr,
+        )
+        return 1
     print(f"{study.name}: figures and claims in {store.figures_dir} ({len(paths)} files)")
     return 0 if report.ok else 1
 

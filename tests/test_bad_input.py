@@ -184,6 +184,18 @@ CASES = (
         planned=True,
     ),
     Case(
+        "training field out of range",
+        ("activation_drift", "--set", "lr=-1", "--seeds", "1"),
+        "study 'activation_drift': TrainConfig.lr: expected a finite number > 0, got -1.0",
+        planned=True,
+    ),
+    Case(
+        "training fields that contradict each other",
+        ("hessian_spectrum", "--set", "optimizer=adam", "--seeds", "1"),
+        "study 'hessian_spectrum': TrainConfig.momentum: expected 0 unless optimizer='sgd' (adam uses betas)",
+        planned=True,
+    ),
+    Case(
         "unknown optimizer",
         ("activation_drift", "--set", "optimizer=sgdd", "--seeds", "1"),
         "study 'activation_drift': optimizer 'sgdd' is not a known optimizer; known: sgd, adam, adamw",

@@ -128,3 +128,30 @@ def test_threads_are_set_and_checked(toy_registry, tmp_path, capsys):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_sweep_whose_every_run_failed_draws_nothing_and_says_why(toy_registry, tmp_path, capsys):
+    args = ["run", "toy", "--results", str(tmp_path), "--set", "scale=-1", "--set", "norms=bn"]
+    assert cli.main(args) == 1
+    out = capsys.readouterr().out
+    assert "toy: no run finished, so there is nothing to draw: 2 run(s) failed, the first" in out
+    assert "RuntimeError: boom" in out and "`whybn status toy --preset quick" in out
+    assert toy_registry == []  # analyze never called
+
+
+def test_figures_that_fail_on_a_partly_failed_sweep_are_reported_not_raised(
+    toy_registry, tmp_path, capsys, monkeypatch
+):
+    study = cli.get_study("toy")
+
+    def analyze(df, config, out_dir):
+        raise ValueError("Number of columns must be a positive integer, not 0")
+
+    monkeypatch.setattr(cli, "get_study", lambda name: Study(**{**study.__dict__, "analyze": analyze}))
+    assert cli.main(["run", "toy", "--results", str(tmp_path), "--set", "scale=-1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("whybn: toy: drawing the figures from the runs that finished failed (ValueError: ")
+    assert "2 run(s) failed, the first" in err
+    # no failed run: an analysis error is a bug to see in full
+    with pytest.raises(ValueError, match="Number of columns"):
+        cli.main(["run", "toy", "--results", str(tmp_path / "ok")])

@@ -20,13 +20,16 @@ What it checks, per run config (the fields of the ``Study`` protocol and those t
   ``p`` of ``lp_bn``, ...) are accepted by the norm's constructor (it is built once, on 16 channels);
 * a norm that needs spatial positions (``in``) is not put in an arch that has none (``mlp``, ``dln``,
   ``transformer``), as :func:`studies.lab.nets.make_net` would refuse;
+* the training fields a run config sets (``lr``, ``momentum``, ``steps``, ``batch_size``, ...) make a
+  valid :class:`~studies.lab.train.TrainConfig` (:func:`studies.lab.runs.run_train_config`: its own
+  ranges and messages), so ``--set lr=-1`` fails before the first run, not in every run;
 * the dataset's files are there (:func:`studies.lab.data.check_dataset_available`, the loader's own
   directory resolution and message), without reading them.
 
 A name problem raises ``ValueError``; when every problem is a missing dataset, ``FileNotFoundError``.
 Nothing is built but one norm layer per distinct (norm, options) and, for ``in``, one tiny net per arch.
 Not checked: options a single study interprets itself (edge_of_stability's ``loss``, hessian_spectrum's
-``trace_method``, ...) and numeric ranges other than the norm options'.
+``trace_method``, ...) and numeric ranges other than the norm options' and the training fields'.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from probes.functional import BN_MODES
 from studies.lab.data import DATASETS, check_dataset_available, run_data_options
 from studies.lab.nets import ACTIVATIONS, ARCHS, INITS, PLACEMENTS, make_net
 from studies.lab.norms import NEEDS_POSITIONS, NORMS, make_norm
+from studies.lab.runs import TRAIN_FIELDS, run_train_config
 from studies.lab.study import Study
 from studies.lab.train import OPTIMIZERS, SCHEDULES
 
@@ -198,6 +202,13 @@ def validate_runs(study: Study, planned: Sequence[tuple[str, Mapping[str, Any]]]
             arch = rc["arch"] if registered.get("arch") else None
             if arch and norm in NEEDS_POSITIONS and _first_time(checked, ("positions", arch, norm)):
                 _check_positions(arch, norm, problems)
+        train = tuple((k, rc[k]) for k in TRAIN_FIELDS if k in rc)
+        named = all(registered.get(f, True) for f in ("optimizer", "schedule"))  # else reported above
+        if train and named and _first_time(checked, ("train", train)):
+            try:
+                run_train_config(rc)
+            except (ValueError, TypeError) as err:
+                problems.add(str(err))
         if registered.get("dataset"):
             data_options = run_data_options(rc)
             if _first_time(checked, ("data", rc["dataset"], sorted(data_options.items()))):
