@@ -75,6 +75,7 @@ __all__ = [
     "ics_gradient_change",
     "layer_input_statistics",
     "parameterized_layers",
+    "unit_statistics",
     "wasserstein1",
 ]
 
@@ -396,25 +397,29 @@ def layer_input_statistics(
             for h in handles:
                 h.remove()
     inputs = floating_inputs(inputs, named=layers is not None)
-    stats = []
-    for name in sorted(inputs, key=order.__getitem__):
-        samples = _per_unit(modules[name], inputs[name]).double()  # (units, M)
-        ordered = torch.sort(samples, dim=1).values
-        q = torch.tensor(levels, dtype=torch.float64) / 100
-        stats.append(
-            LayerInputStatistics(
-                layer=name,
-                mean=samples.mean(1).cpu().numpy(),
-                var=samples.var(1, unbiased=False).cpu().numpy(),
-                percentile_levels=levels,
-                percentiles=torch.quantile(ordered, q.to(ordered.device), dim=1)
-                .cpu()
-                .numpy()
-                .reshape(len(levels), -1),
-                sorted_samples=ordered.cpu().numpy(),
-            )
-        )
+    stats = [
+        unit_statistics(name, _per_unit(modules[name], inputs[name]), levels)
+        for name in sorted(inputs, key=order.__getitem__)
+    ]
     return InputStatistics(tuple(stats))
+
+
+def unit_statistics(layer: str, samples: Tensor, percentiles: Sequence[float]) -> LayerInputStatistics:
+    """The statistics of :func:`layer_input_statistics` from ``samples`` ``(units, M)``: each unit's
+    mean, population variance, percentiles (linear interpolation) and sorted samples, in float64,
+    computed on the samples' device and returned as numpy arrays."""
+    levels = tuple(float(q) for q in percentiles)
+    samples = samples.double()
+    ordered = torch.sort(samples, dim=1).values
+    q = torch.tensor(levels, dtype=torch.float64, device=samples.device) / 100
+    return LayerInputStatistics(
+        layer=layer,
+        mean=samples.mean(1).cpu().numpy(),
+        var=samples.var(1, unbiased=False).cpu().numpy(),
+        percentile_levels=levels,
+        percentiles=torch.quantile(ordered, q, dim=1).cpu().numpy().reshape(len(levels), -1),
+        sorted_samples=ordered.cpu().numpy(),
+    )
 
 
 def wasserstein1(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -78,7 +78,7 @@ from analysis.claims import Claim, test_claim
 from analysis.style import NORM_LABELS, labeled_legend, norm_palette, ordered_norms, save_figure, use_style
 from probes.activations import capture_layer_inputs
 from probes.functional import norm_mode, probe_guard
-from probes.ics import InputStatistics, LayerInputStatistics, distribution_shift
+from probes.ics import InputStatistics, distribution_shift, unit_statistics
 from studies.lab.norms import TimeVaryingNoise
 from studies.lab.runs import load_run_data, make_run_net, run_train_config, train_run
 from studies.lab.study import RunContext, Study
@@ -150,26 +150,6 @@ def noise_seed(seed: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
 
 
-def _unit_statistics(layer: str, x: Tensor, levels: tuple[float, ...]) -> LayerInputStatistics:
-    """Per-unit statistics of ``x`` ``(N, C, *)`` (batch and positions pooled).
-
-    The same fields and conventions as :func:`probes.ics.layer_input_statistics` (population variance,
-    linear-interpolation percentiles, sorted samples for :func:`probes.ics.wasserstein1`); computed on
-    ``x``'s device, returned as numpy arrays.
-    """
-    samples = x.transpose(0, 1).reshape(x.shape[1], -1).double()  # (units, N·positions)
-    ordered = torch.sort(samples, dim=1).values
-    q = torch.tensor(levels, dtype=torch.float64, device=x.device) / 100
-    return LayerInputStatistics(
-        layer=layer,
-        mean=samples.mean(1).cpu().numpy(),
-        var=samples.var(1, unbiased=False).cpu().numpy(),
-        percentile_levels=levels,
-        percentiles=torch.quantile(ordered, q, dim=1).cpu().numpy().reshape(len(levels), -1),
-        sorted_samples=ordered.cpu().numpy(),
-    )
-
-
 def input_statistics_as_trained(
     model: nn.Module,
     x: Tensor,
@@ -193,7 +173,8 @@ def input_statistics_as_trained(
         torch.manual_seed(seed)
         with capture_layer_inputs(model, layers) as inputs:
             model(x)
-    return InputStatistics(tuple(_unit_statistics(name, inputs[name], levels) for name in layers))
+    per_unit = {name: x.transpose(0, 1).reshape(x.shape[1], -1) for name, x in inputs.items()}  # (C, N·S)
+    return InputStatistics(tuple(unit_statistics(name, per_unit[name], levels) for name in layers))
 
 
 def activation_probe(
