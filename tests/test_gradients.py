@@ -20,6 +20,7 @@ from probes.gradients import (
     scale_invariance,
     update_to_weight_ratios,
 )
+from probes.ics import ics_gradient_change
 from studies.lab.nets import make_net
 from tests.cases import CASES, make_batch
 
@@ -314,3 +315,35 @@ def test_update_ratio_errors():
         net, F.cross_entropy, batch, torch.optim.SGD(net.head.parameters(), lr=0.1)
     )
     assert default.layers == ("head",) and default.ratios[0] == pytest.approx(r.ratios[0], rel=1e-12)
+
+
+def test_an_attached_lr_scheduler_does_not_step_the_real_optimizer():
+    """An ``LRScheduler`` replaces ``optimizer.step`` by a wrapper bound to the *real* optimizer. The
+    probes step a deep copy, which must step its own clones: the model, its ``.grad`` and the optimizer
+    state are untouched, and the simulated update is the real one at the scheduled rate."""
+    net = mlp("bn")
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    batch = make_batch("mlp", 8, seed=2)
+    train_step(net, opt, batch)
+    sched.step()
+    opt.zero_grad()
+    F.cross_entropy(net(batch[0]), batch[1]).backward()  # .grad present, as just before opt.step()
+    state = ModelState.capture(net)
+    saved = copy.deepcopy(opt.state_dict())
+    result = update_to_weight_ratios(net, F.cross_entropy, batch, opt)
+    ics_gradient_change(net, F.cross_entropy, batch, opt)
+    assert state.differences(net) == []
+    now = opt.state_dict()
+    assert now["param_groups"] == saved["param_groups"]
+    for i, entry in saved["state"].items():
+        assert torch.equal(now["state"][i]["momentum_buffer"], entry["momentum_buffer"])
+    twin = copy.deepcopy(net)
+    real = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    real.load_state_dict(opt.state_dict())  # lr 0.05 after the scheduler's step
+    for p, q in zip(twin.parameters(), net.parameters(), strict=True):
+        p.grad = q.grad.clone()
+    real.step()
+    for layer, ratio in zip(result.layers, result.ratios, strict=True):
+        w, w2 = net.get_submodule(layer).weight.detach(), twin.get_submodule(layer).weight.detach()
+        assert ratio == pytest.approx(float((w2 - w).norm() / w.norm()), rel=1e-10)
