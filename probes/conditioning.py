@@ -700,9 +700,7 @@ def kfac_factor_conditioning(
                 raise ValueError(f"layers never ran during the forward pass: {', '.join(never)}")
             outs = [out for calls in store.values() for _, out in calls]
             if not loss.requires_grad or not all(o.requires_grad for o in outs):
-                raise ValueError(
-                    "layers: a layer output does not depend on the input or any trainable tensor"
-                )
+                raise ValueError("layers: a layer output depends on neither the input nor a trainable tensor")
             grads = iter(torch.autograd.grad(loss * x.shape[0], outs, allow_unused=True))
             for name, calls in store.items():
                 module = modules[name]

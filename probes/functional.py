@@ -11,6 +11,7 @@ exactly as before. :class:`ModelState` snapshots all of them; :func:`preserved` 
 from __future__ import annotations
 
 import copy
+import functools
 import random
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -38,6 +39,7 @@ __all__ = [
     "is_batch_dependent",
     "norm_mode",
     "optimizer_param_names",
+    "outside_inference_mode",
     "preserved",
     "probe_guard",
     "resolve_params",
@@ -287,17 +289,34 @@ def twice_differentiable() -> Iterator[None]:
         yield
 
 
+def outside_inference_mode(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run with ``torch.inference_mode`` off, so that a probe called inside an evaluation loop's
+    ``torch.inference_mode()`` makes normal tensors that autograd may differentiate (inference tensors
+    can be neither saved for backward nor updated in place outside inference mode)."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+
+    return run
+
+
 @contextmanager
 def probe_guard(model: nn.Module, *, strict: bool = False) -> Iterator[ModelState]:
     """The guard around every probe: snapshot the state, run the block, restore the snapshot.
 
-    With ``strict=True`` (tests) the block must not have changed anything itself: an
-    ``AssertionError`` lists the differences (the state is restored first either way).
+    The block runs with gradients on and outside inference mode, whatever the caller's mode (a probe
+    called in an evaluation loop's ``torch.no_grad()`` or ``torch.inference_mode()``); a probe that
+    needs no graph turns gradients off again inside. With ``strict=True`` (tests) the block must not
+    have changed anything itself: an ``AssertionError`` lists the differences (the state is restored
+    first either way).
     """
     state = ModelState.capture(model)
     diffs: list[str] = []
     try:
-        yield state
+        with torch.inference_mode(False), torch.enable_grad():
+            yield state
         if strict:
             diffs = state.differences(model)
     finally:
@@ -389,7 +408,7 @@ def as_batches(
         and len(batches) == 2
         and all(isinstance(t, Tensor) for t in batches)
     ):
-        return [(batches[0], batches[1])]
+        return [(_usable(batches[0]), _usable(batches[1]))]
     try:
         pairs = [tuple(b) for b in batches]
     except TypeError:
@@ -403,7 +422,16 @@ def as_batches(
             raise ValueError("batches: every item must be an (inputs, targets) pair of tensors")
         if pair[0].shape[0] == 0:
             raise ValueError("batches: a batch has no samples")
-    return [(x, y) for x, y in pairs]
+    return [(_usable(x), _usable(y)) for x, y in pairs]
+
+
+def _usable(t: Any) -> Any:
+    """``t``, or a normal copy of an inference tensor (made under ``torch.inference_mode()``, which
+    autograd may not save for backward)."""
+    if isinstance(t, Tensor) and t.is_inference():
+        with torch.inference_mode(False):
+            return t.clone()
+    return t
 
 
 def check_loss(loss: Tensor) -> Tensor:
@@ -462,7 +490,8 @@ class FunctionalLoss:
             for n, t in [*model.named_parameters(), *model.named_buffers()]
             if n not in chosen_names
         }
-        self.theta0 = torch.cat([p.detach().reshape(-1) for _, p in chosen])  # cat copies: θ₀ is private
+        with torch.inference_mode(False):  # a normal tensor, even if made under inference_mode()
+            self.theta0 = torch.cat([p.detach().reshape(-1) for _, p in chosen])  # cat copies: θ₀ is private
         first = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
         self.slots = {slot: first[id(t)] for slot, _, _, _, t in tensor_slots(model)}  # slot → entry
         self.sizes = [int(x.shape[0]) for x, _ in batches]

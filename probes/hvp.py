@@ -22,7 +22,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
-from probes.functional import FunctionalLoss, probe_guard, twice_differentiable
+from probes.functional import FunctionalLoss, outside_inference_mode, probe_guard, twice_differentiable
 
 __all__ = ["AUTO_METHODS", "METHODS", "HessianOperator", "auto_method", "hessian_operator"]
 
@@ -224,6 +224,7 @@ def _accumulate(out: Tensor | None, cols: Tensor, j: int, w: float, hv: Tensor) 
     return out
 
 
+@outside_inference_mode
 def hessian_operator(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],

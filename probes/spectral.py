@@ -34,6 +34,8 @@ import scipy.sparse.linalg as sla
 import torch
 from torch import Tensor
 
+from probes.functional import outside_inference_mode
+
 __all__ = [
     "EIGEN_METHODS",
     "TRACE_METHODS",
@@ -369,6 +371,7 @@ def _orthonormalize_block(
 # --------------------------------------------------------------------------------------------------
 
 
+@outside_inference_mode
 def eigenvalues(
     op: LinearOperatorLike,
     *,
@@ -728,6 +731,7 @@ def _power_core(
 # --------------------------------------------------------------------------------------------------
 
 
+@outside_inference_mode
 def trace(
     op: LinearOperatorLike,
     *,
@@ -819,6 +823,7 @@ def _lanczos_tridiagonal(
     return np.asarray(alpha), np.asarray(beta)
 
 
+@outside_inference_mode
 def density(
     op: LinearOperatorLike,
     *,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -216,3 +217,49 @@ def test_a_batch_norm_with_track_running_stats_is_run_on_batch_statistics():
     batch_stats = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + 1e-5) * model[1].weight
     assert loss.item() == pytest.approx(F.cross_entropy(batch_stats, y).item(), rel=1e-14)
     assert state.differences(model) == []
+
+
+def _probe_calls() -> dict:
+    from probes.conditioning import kfac_factor_conditioning, layer_input_conditioning
+    from probes.gradients import layer_gradient_norms, update_to_weight_ratios
+    from probes.hessian import hessian_density, hessian_eigenvalues, hessian_trace
+    from probes.ics import ics_gradient_change, layer_input_statistics
+    from probes.smoothness import landscape_along_gradient
+
+    ce = F.cross_entropy
+    return {
+        "eigenvalues": lambda m, b, o: hessian_eigenvalues(m, ce, b, k=2).values,
+        "eigenvalues_fwd": lambda m, b, o: hessian_eigenvalues(m, ce, b, hvp="forward_over_reverse").values,
+        "trace": lambda m, b, o: hessian_trace(m, ce, b, n_probes=6).value,
+        "density": lambda m, b, o: hessian_density(m, ce, b, n_iter=6, n_runs=2).density,
+        "landscape": lambda m, b, o: landscape_along_gradient(m, ce, b, step_sizes=[0.1, 0.4]).losses,
+        "ics": lambda m, b, o: [r.l2 for r in ics_gradient_change(m, ce, b, o).layers],
+        "gradient_norms": lambda m, b, o: layer_gradient_norms(m, ce, b).grad_norms,
+        "update_ratios": lambda m, b, o: update_to_weight_ratios(m, ce, b, o).ratios,
+        "kfac": lambda m, b, o: kfac_factor_conditioning(m, ce, b)["head"].G,
+        "input_conditioning": lambda m, b, o: layer_input_conditioning(m, b)["head"].eigenvalues,
+        "input_statistics": lambda m, b, o: layer_input_statistics(m, b).layers[-1].var,
+    }
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "inference_tensors"])
+@pytest.mark.parametrize("probe", list(_probe_calls()))
+def test_probes_work_in_the_callers_no_grad_and_inference_mode(probe, mode):
+    """A probe called in an evaluation loop (``torch.no_grad()``, ``torch.inference_mode()``, or on
+    batches made there) gives what it gives outside, and leaves the model as found."""
+    call = _probe_calls()[probe]
+    net = tiny_net("mlp", "bn")
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    batch = make_batch("mlp", 8, seed=3)
+    expected = call(net, batch, opt)
+    state = ModelState.capture(net)
+    if mode == "inference_tensors":
+        with torch.inference_mode():
+            made = (batch[0].clone(), batch[1].clone())
+        assert made[0].is_inference()
+        got = call(net, made, opt)
+    else:
+        with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+            got = call(net, batch, opt)
+    assert state.differences(net) == []
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
