@@ -137,6 +137,11 @@ PAPER = replace(
 
 
 def grid(config: Config) -> list[dict[str, Any]]:
+    if not isinstance(config.steps, int) or config.steps < config.probe_every:
+        raise ValueError(
+            "noisy_bn: steps must be >= probe_every (a distribution shift needs two probe points), "
+            f"got steps={config.steps!r}, probe_every={config.probe_every!r}"
+        )
     base = {k: v for k, v in asdict(config).items() if k not in ("norms", "seeds")}
     return [{"norm": norm, "seed": seed, **base} for norm in config.norms for seed in range(config.seeds)]
 

@@ -124,6 +124,11 @@ PAPER = replace(
 
 def grid(config: Config) -> list[dict[str, Any]]:
     """One run per norm, weight decay and seed."""
+    if not isinstance(config.steps, int) or config.steps < config.probe_every:
+        raise ValueError(
+            "scale_invariance: steps must be >= probe_every (the weight norm's growth needs two probe "
+            f"points), got steps={config.steps!r}, probe_every={config.probe_every!r}"
+        )
     base = {k: v for k, v in asdict(config).items() if k not in ("norms", "weight_decays", "seeds")}
     return [
         {"arch": "mlp", "norm": norm, "weight_decay": wd, "seed": seed, **base}

@@ -124,6 +124,18 @@ CASES = (
         also=("linear", "relu"),
     ),
     Case(
+        "too few steps for a study's dynamics",
+        ("scale_invariance", "--set", "steps=0"),
+        "scale_invariance: steps must be >= probe_every (the weight norm's growth needs two probe points), "
+        "got steps=0, probe_every=100",
+    ),
+    Case(
+        "a probe interval of no steps",
+        ("landscape", "--set", "probe_every=0", "--seeds", "1"),
+        "study 'landscape': probe_every must be an int >= 1 (a number of steps), got 0",
+        planned=True,
+    ),
+    Case(
         "unknown loss",
         ("edge_of_stability", "--set", "loss=hinge"),
         "edge_of_stability: loss must be one of mse, ce, got 'hinge'",

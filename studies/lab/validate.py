@@ -20,6 +20,7 @@ What it checks, per run config (the fields of the ``Study`` protocol and those t
   ``p`` of ``lp_bn``, ...) are accepted by the norm's constructor (it is built once, on 16 channels);
 * a norm that needs spatial positions (``in``) is not put in an arch that has none (``mlp``, ``dln``,
   ``transformer``), as :func:`studies.lab.nets.make_net` would refuse;
+* every ``*_every`` field (``probe_every``, ``ladder_log_every``, ...) is an int >= 1;
 * the training fields a run config sets (``lr``, ``momentum``, ``steps``, ``batch_size``, ...) make a
   valid :class:`~studies.lab.train.TrainConfig` (:func:`studies.lab.runs.run_train_config`: its own
   ranges and messages), so ``--set lr=-1`` fails before the first run, not in every run;
@@ -167,6 +168,10 @@ def _check_positions(arch: str, norm: str, problems: _Problems) -> None:
         problems.add(str(err))
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _first_time(seen: set[str], key: Any) -> bool:
     """Whether ``key`` (by its repr, so unhashable values work) is new to ``seen``; records it."""
     text = repr(key)
@@ -202,6 +207,9 @@ def validate_runs(study: Study, planned: Sequence[tuple[str, Mapping[str, Any]]]
             arch = rc["arch"] if registered.get("arch") else None
             if arch and norm in NEEDS_POSITIONS and _first_time(checked, ("positions", arch, norm)):
                 _check_positions(arch, norm, problems)
+        for key, value in rc.items():
+            if key.endswith("_every") and key not in TRAIN_FIELDS and not _is_count(value):
+                problems.add(f"{key} must be an int >= 1 (a number of steps), got {value!r}")
         train = tuple((k, rc[k]) for k in TRAIN_FIELDS if k in rc)
         named = all(registered.get(f, True) for f in ("optimizer", "schedule"))  # else reported above
         if train and named and _first_time(checked, ("train", train)):
