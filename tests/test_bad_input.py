@@ -136,6 +136,11 @@ CASES = (
         planned=True,
     ),
     Case(
+        "an empty grid",
+        ("activation_drift", "--set", "norms="),
+        "study 'activation_drift': the grid has no runs (norms=()); give each list at least one value",
+    ),
+    Case(
         "unknown loss",
         ("edge_of_stability", "--set", "loss=hinge"),
         "edge_of_stability: loss must be one of mse, ce, got 'hinge'",

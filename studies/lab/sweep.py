@@ -74,6 +74,13 @@ def plan_runs(study: Study, config: Any) -> list[tuple[str, dict[str, Any]]]:
             raise ValueError(f"study {study.name!r}: two runs of the grid share the config of {run_id}")
         seen[run_id] = run_config
         planned.append((run_id, run_config))
+    if not planned:
+        fields = dataclasses.fields(config) if dataclasses.is_dataclass(config) else ()
+        empty = [f"{f.name}=()" for f in fields if getattr(config, f.name) == ()]
+        why = f" ({', '.join(empty)})" if empty else ""
+        raise ValueError(
+            f"study {study.name!r}: the grid has no runs{why}; give each list at least one value"
+        )
     validate_runs(study, planned)
     return planned
 
