@@ -210,6 +210,7 @@ def is_batch_dependent(module: nn.Module) -> bool:
 
 
 _RUNNING_BUFFERS = {"running_mean", "running_var"}
+_ABSENT = object()  # a module without the attribute
 
 
 def _warn_unrecognized_norm(module: nn.Module) -> None:
@@ -235,23 +236,27 @@ def norm_mode(model: nn.Module, bn: str = "batch") -> Iterator[nn.Module]:
     (dropout and injected noise off). Flags are restored on exit.
     """
     check_bn(bn)
-    saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
+    saved = [(m, m.training, getattr(m, "track_running_stats", _ABSENT)) for m in model.modules()]
+    # object.__setattr__: Module.__setattr__ first looks for a parameter, buffer or submodule of the
+    # name, which these flags never are, and cost 0.2 ms a call on a 40-module MLP (9 forwards of a
+    # landscape probe: 2% of its time)
+    set_flag = object.__setattr__
     try:
         for m, training, track in saved:
-            batch = bn == "batch" and is_batch_dependent(m)
-            if bn == "batch" and track is None and _RUNNING_BUFFERS & m._buffers.keys():
+            batch = bn == "batch" and track is not _ABSENT  # is_batch_dependent(m)
+            if bn == "batch" and track is _ABSENT and m._buffers and _RUNNING_BUFFERS & m._buffers.keys():
                 _warn_unrecognized_norm(m)
-            if training != batch:  # Module.__setattr__ is slow: set only what changes
-                m.training = batch
+            if training != batch:
+                set_flag(m, "training", batch)
             if batch:
-                m.track_running_stats = False
+                set_flag(m, "track_running_stats", False)
         yield model
     finally:
         for m, training, track in saved:
             if m.training != training:
-                m.training = training
-            if track is not None:
-                m.track_running_stats = track
+                set_flag(m, "training", training)
+            if track is not _ABSENT:
+                set_flag(m, "track_running_stats", track)
 
 
 class _CompositeWeightNorm(TorchFunctionMode):
