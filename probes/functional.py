@@ -454,15 +454,32 @@ def _forward(model: nn.Module, tensors: dict[str, Tensor], x: Tensor, bn: str) -
     tying expands a shared submodule's names into several swaps of one slot and then restores the
     slot to the swapped-in tensor, leaving it in the model (pytorch/pytorch#164759)."""
     with norm_mode(model, bn):
-        try:
-            return functional_call(model, tensors, (x,), tie_weights=False)
-        except ValueError as error:
-            if bn == "batch" and "value per channel" in str(error):
-                raise ValueError(
-                    f"batches: a batch of {x.shape[0]} sample(s) gives a batch-dependent norm layer one "
-                    f"value per channel under bn='batch'; use larger batches or bn='running' ({error})"
-                ) from error
-            raise
+        return _call(lambda: functional_call(model, tensors, (x,), tie_weights=False), x, bn)
+
+
+def _call(run: Callable[[], Tensor], x: Tensor, bn: str) -> Tensor:
+    """``run()``, a forward pass on ``x``; a batch of one under ``bn="batch"`` named as such."""
+    try:
+        return run()
+    except ValueError as error:
+        if bn == "batch" and "value per channel" in str(error):
+            raise ValueError(
+                f"batches: a batch of {x.shape[0]} sample(s) gives a batch-dependent norm layer one "
+                f"value per channel under bn='batch'; use larger batches or bn='running' ({error})"
+            ) from error
+        raise
+
+
+class _Closure(nn.Module):
+    """A module whose forward runs a callable: ``functional_call(_Closure(model), tensors, (fn,))``
+    keeps ``model``'s tensors substituted for the whole of ``fn``, backward passes included."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable[[], Any]) -> Any:
+        return fn()
 
 
 class FunctionalLoss:
@@ -502,6 +519,8 @@ class FunctionalLoss:
         self.sizes = [int(x.shape[0]) for x, _ in batches]
         self.total = sum(self.sizes)
         self.weights = [n / self.total for n in self.sizes]  # n_b / N
+        self._closure = _Closure(model)
+        self._bound: Tensor | dict[str, Tensor] | None = None  # the θ of a running bound() call
 
     @classmethod
     def of(
@@ -530,12 +549,43 @@ class FunctionalLoss:
             return theta
         return self.unflatten(theta)
 
+    def _tensors(self, theta: Tensor | dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
+        values = {**self.frozen, **self._as_dict(theta)}
+        return {prefix + slot: values[n] for slot, n in self.slots.items()}
+
     def batch_loss(self, theta: Tensor | dict[str, Tensor], index: int) -> Tensor:
         """L_b(θ): ``loss_fn(model(x_b), y_b)`` for batch ``index``."""
         x, y = self.batches[index]
-        values = {**self.frozen, **self._as_dict(theta)}
-        out = _forward(self.model, {slot: values[n] for slot, n in self.slots.items()}, x, self.bn)
+        if self._bound is not None:  # inside bound(θ): the model holds θ already
+            if theta is not self._bound:
+                raise ValueError("theta: inside bound(θ), evaluate the loss at that same θ")
+            out = _call(lambda: self.model(x), x, self.bn)
+        else:
+            out = _forward(self.model, self._tensors(theta), x, self.bn)
         return check_loss(self.loss_fn(out, y))
+
+    def bound(self, theta: Tensor | dict[str, Tensor], fn: Callable[[], Any]) -> Any:
+        """``fn()`` with the model's tensors those of θ (and the frozen ones) and its norm layers in
+        mode ``bn`` for the whole call: the forward passes ``fn`` makes (:meth:`batch_loss`, calling
+        this object, at this same θ) *and* its backward passes.
+
+        A backward pass may run the forward again: activation checkpointing
+        (``torch.utils.checkpoint``) recomputes what it did not save. Outside ``bound`` that
+        recomputation would see the model's own parameters, not θ: a gradient at θ ≠ the model's and
+        every HVP (even at θ₀, whose graph must lead back to θ) would be silently wrong — 37% and 55%
+        on a small MLP. Differentiate inside, as every whybn probe does; a graph kept past ``fn`` is
+        differentiated in a later ``bound`` call at the same θ. Not reentrant.
+        """
+        if self._bound is not None:
+            raise RuntimeError("FunctionalLoss.bound: already inside a bound() call")
+        self._bound = theta
+        try:
+            with norm_mode(self.model, self.bn):
+                return functional_call(
+                    self._closure, self._tensors(theta, "model."), (fn,), tie_weights=False
+                )
+        finally:
+            self._bound = None
 
     def check(self) -> None:
         """Evaluate every batch's loss once without gradients, under the state guard: ``ValueError``
@@ -548,13 +598,25 @@ class FunctionalLoss:
         """L(θ) = Σ_b (n_b/N) L_b(θ)."""
         return sum(w * self.batch_loss(theta, b) for b, w in enumerate(self.weights))
 
+    def grad_at(
+        self, theta: Tensor | dict[str, Tensor], inputs: Sequence[Tensor]
+    ) -> tuple[Tensor | None, ...]:
+        """∇L(θ) with respect to ``inputs`` (leaves θ is made of; None for one L does not depend on):
+        one forward and one backward pass per batch, :meth:`bound` to θ."""
+        with torch.enable_grad():
+            return self.bound(theta, lambda: torch.autograd.grad(self(theta), inputs, allow_unused=True))
+
     def value_and_grad(self, theta: Tensor) -> tuple[float, Tensor]:
         """(L(θ), ∇L(θ)) at a flat θ: one forward and one backward pass per batch; a zero gradient
         when the loss does not depend on the chosen parameters."""
         leaf = theta.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
+
+        def forward_backward() -> tuple[Tensor, Tensor | None]:
             loss = self(leaf)
-            (grad,) = torch.autograd.grad(loss, leaf, allow_unused=True)
+            return loss, torch.autograd.grad(loss, leaf, allow_unused=True)[0]
+
+        with torch.enable_grad():
+            loss, grad = self.bound(leaf, forward_backward)
         return float(loss.detach()), torch.zeros_like(leaf) if grad is None else grad.detach()
 
 

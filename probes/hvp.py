@@ -15,7 +15,8 @@ Both build their graphs under :func:`probes.functional.twice_differentiable`: to
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -164,9 +165,13 @@ class HessianOperator:
         if b in self._graphs:
             return self._graphs[b]
         theta = self._f.theta0.detach().requires_grad_(True)
-        with torch.enable_grad(), twice_differentiable():
+
+        def build() -> tuple[Tensor, Tensor]:
             loss = self._f.batch_loss(theta, b)
-            (g,) = torch.autograd.grad(loss, theta, create_graph=True)
+            return loss, torch.autograd.grad(loss, theta, create_graph=True)[0]
+
+        with torch.enable_grad(), twice_differentiable():
+            loss, g = self._f.bound(theta, build)  # bound: a checkpointed forward recomputes at θ
         entry = (theta, g, float(loss.detach()))
         if self.cache_graphs:
             self._graphs[b] = entry
@@ -178,16 +183,21 @@ class HessianOperator:
             if self.method == "double_backward":
                 theta, g, _ = self._graph(b)
                 last = cols.shape[1] - 1
-                for j in range(cols.shape[1]):
-                    # an uncached graph is freed by its last product, node by node as the backward
-                    # pass goes: its peak memory is then about that of building it, not more
-                    keep = self.cache_graphs or j < last
-                    (hv,) = torch.autograd.grad(g, theta, grad_outputs=cols[:, j], retain_graph=keep)
-                    out = _accumulate(out, cols, j, w, hv.detach())
+
+                def products(theta: Tensor = theta, g: Tensor = g, w: float = w, last: int = last) -> None:
+                    nonlocal out
+                    for j in range(cols.shape[1]):
+                        # an uncached graph is freed by its last product, node by node as the backward
+                        # pass goes: its peak memory is then about that of building it, not more
+                        keep = self.cache_graphs or j < last
+                        (hv,) = torch.autograd.grad(g, theta, grad_outputs=cols[:, j], retain_graph=keep)
+                        out = _accumulate(out, cols, j, w, hv.detach())
+
+                self._f.bound(theta, products)  # a checkpointed segment's recomputation sees θ
             else:
                 grad_b = torch.func.grad(lambda t, b=b: self._f.batch_loss(t, b))
                 for j in range(cols.shape[1]):
-                    with twice_differentiable():
+                    with twice_differentiable(), _naming_checkpointing():
                         _, hv = torch.func.jvp(grad_b, (self._f.theta0,), (cols[:, j],))
                     out = _accumulate(out, cols, j, w, hv.detach())
         return out
@@ -201,13 +211,32 @@ class HessianOperator:
                     _, g, value = self._graph(b)  # the graph the HVPs reuse
                 else:
                     theta = self._f.theta0.detach().requires_grad_(True)
-                    with torch.enable_grad():
+
+                    def forward_backward(theta: Tensor = theta, b: int = b) -> tuple[Tensor, Tensor]:
                         out = self._f.batch_loss(theta, b)
-                        (g,) = torch.autograd.grad(out, theta)
+                        return out, torch.autograd.grad(out, theta)[0]
+
+                    with torch.enable_grad():
+                        out, g = self._f.bound(theta, forward_backward)
                     value = float(out.detach())
                 grad += w * g.detach()
                 loss += w * value
         self._gradient, self._loss = grad, loss
+
+
+@contextmanager
+def _naming_checkpointing() -> Iterator[None]:
+    """torch.func's error for a model that checkpoints activations, as a ``ValueError`` that says what
+    to do instead (reverse-over-reverse recomputes the segments at θ: :meth:`FunctionalLoss.bound`)."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "saved tensor hooks" not in str(error):
+            raise
+        raise ValueError(
+            "hvp='forward_over_reverse' (torch.func) cannot differentiate through activation checkpointing "
+            "(torch.utils.checkpoint) in the model; use hvp='double_backward'"
+        ) from error
 
 
 def _accumulate(out: Tensor | None, cols: Tensor, j: int, w: float, hv: Tensor) -> Tensor:

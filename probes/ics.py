@@ -226,7 +226,7 @@ def ics_gradient_change(
         handles = [m.register_forward_pre_hook(stamp) for m in owning.values()]
         try:
             theta = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
-            grads = torch.autograd.grad(f(theta), list(theta.values()), allow_unused=True)
+            grads = f.grad_at(theta, list(theta.values()))
         finally:
             for h in handles:
                 h.remove()
@@ -265,7 +265,7 @@ def ics_gradient_change(
                 n: updated[n] if n in preceding else p.detach() for n, p in params.items() if n not in own
             }
             leaves = {n: params[n].detach().clone().requires_grad_(True) for n in own}
-            g_new = torch.autograd.grad(f({**values, **leaves}), list(leaves.values()), allow_unused=True)
+            g_new = f.grad_at({**values, **leaves}, list(leaves.values()))
             n_gradients += 1
             g2 = torch.cat([_dense(t, params[n]) for n, t in zip(own, g_new, strict=True)])
             results.append(_compare(layer_name, g, g2, preceding))
