@@ -521,6 +521,7 @@ class FunctionalLoss:
         self.weights = [n / self.total for n in self.sizes]  # n_b / N
         self._closure = _Closure(model)
         self._bound: Tensor | dict[str, Tensor] | None = None  # the θ of a running bound() call
+        self._bound_tensors: tuple[Any, bool, dict[str, Tensor]] | None = None  # θ, grad mode, its slots
 
     @classmethod
     def of(
@@ -580,10 +581,12 @@ class FunctionalLoss:
             raise RuntimeError("FunctionalLoss.bound: already inside a bound() call")
         self._bound = theta
         try:
+            grad = torch.is_grad_enabled()  # an HVP loop binds one θ: its views are made once
+            cached = self._bound_tensors
+            if cached is None or cached[0] is not theta or cached[1] != grad:
+                self._bound_tensors = (theta, grad, self._tensors(theta, "model."))
             with norm_mode(self.model, self.bn):
-                return functional_call(
-                    self._closure, self._tensors(theta, "model."), (fn,), tie_weights=False
-                )
+                return functional_call(self._closure, self._bound_tensors[2], (fn,), tie_weights=False)
         finally:
             self._bound = None
 
@@ -635,7 +638,9 @@ def functional_loss(
     f is pure: no running statistic moves, no random layer draws, and it composes with ``torch.func``
     transforms (``grad``, ``jvp``, ``hessian``) as well as with ``torch.autograd``. θ₀ is the flat
     current value of the chosen parameters (a detached copy). Validates its inputs (``ValueError``),
-    evaluating each batch's loss once (:meth:`FunctionalLoss.check`).
+    evaluating each batch's loss once (:meth:`FunctionalLoss.check`). For a model that checkpoints
+    activations, differentiate inside :meth:`FunctionalLoss.bound` (or use
+    :meth:`FunctionalLoss.value_and_grad` / :meth:`FunctionalLoss.grad_at`, which do).
     """
     f = FunctionalLoss.of(model, loss_fn, batches, params=params, bn=bn)
     f.check()

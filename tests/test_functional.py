@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from probes.functional import (
+    FunctionalLoss,
     ModelState,
     as_batches,
     check_loss,
@@ -263,3 +264,18 @@ def test_probes_work_in_the_callers_no_grad_and_inference_mode(probe, mode):
             got = call(net, batch, opt)
     assert state.differences(net) == []
     np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
+def test_bound_evaluates_at_its_own_theta_and_leaves_the_model_as_found():
+    net = tiny_net("mlp", "bn")
+    batch = make_batch("mlp", 8, seed=3)
+    f = FunctionalLoss.of(net, F.cross_entropy, batch)
+    state = ModelState.capture(net)
+    theta = f.theta0 + 0.1
+    assert f.bound(theta, lambda: f(theta)).item() == f(theta).item()
+    assert state.differences(net) == []  # every slot back to the model's own tensor
+    with pytest.raises(ValueError, match="inside bound"):
+        f.bound(theta, lambda: f(theta.clone()))
+    with pytest.raises(RuntimeError, match="already inside a bound"):
+        f.bound(theta, lambda: f.bound(theta, lambda: None))
+    assert state.differences(net) == []
