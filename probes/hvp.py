@@ -292,7 +292,8 @@ def hessian_operator(
     with the cached graph (the graph, ~2× a gradient's activations, plus the product's own transients)
     and 2.1× without, at 2.9× a gradient's time per product instead of 1.7–1.9×.
     Computation is in the model's dtype: for float64 call ``model.double()`` (and pass float64
-    inputs) first; ``dtype``, if given, must equal it.
+    inputs) first; ``dtype``, if given, must equal it. Half precision (float16, bfloat16) is refused
+    with a ``ValueError``: probe a float32 copy.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -302,6 +303,12 @@ def hessian_operator(
         raise ValueError(
             f"dtype: the model computes in {theta0.dtype}, not {dtype}; convert the model first "
             f"(e.g. model.double()) — probes compute in the model's dtype"
+        )
+    if theta0.dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"params: Hessian probes compute in float32 or float64, and these parameters are "
+            f"{theta0.dtype}, whose second derivatives round away (and whose QR the eigensolvers lack "
+            f"on CPU); probe a float32 copy: copy.deepcopy(model).float(), with float32 inputs"
         )
     if method == "auto":
         method = auto_method(theta0.device)

@@ -130,6 +130,14 @@ def test_bad_inputs():
         hessian_trace(case.model, case.loss_fn, [])
     with pytest.raises(ValueError, match="params"):
         hessian_density(case.model, case.loss_fn, case.batches, params=["nope.weight"])
+    half = case.model.to(torch.bfloat16)
+    batches = [(x.to(torch.bfloat16), y) for x, y in case.batches]
+    state = ModelState.capture(half)
+    with pytest.raises(ValueError, match=r"params: Hessian probes compute in float32 or float64.*bfloat16"):
+        hessian_eigenvalues(half, case.loss_fn, batches)
+    with pytest.raises(ValueError, match=r"float32 copy: copy.deepcopy\(model\).float\(\)"):
+        hessian_trace(half, case.loss_fn, batches, n_probes=4)
+    assert state.differences(half) == []
 
 
 @pytest.mark.parametrize(
