@@ -88,7 +88,9 @@ def ordered_layers(
     """``(module name, parameter name)`` of each parameterized layer (see the module docstring).
 
     ``layers=None``: every parameterized layer of ``model``, in forward order when ``example`` inputs
-    are given, less those the forward pass never calls (else registration order); otherwise the named
+    are given, less those the forward pass never calls (else registration order): an auxiliary head,
+    or ``nn.MultiheadAttention``'s ``out_proj``, whose weight the attention reads without calling the
+    module, so that it has no place in the forward order (name it to include it); otherwise the named
     modules or modules, in the order given.
     ``ValueError`` when the model has none, or a requested layer is unknown or owns no weight.
     """

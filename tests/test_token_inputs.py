@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from probes.activations import feature_axis
 from probes.conditioning import layer_input_conditioning
 from probes.functional import ModelState
+from probes.gradients import layer_gradient_norms
 from probes.ics import layer_input_statistics
 
 
@@ -55,3 +57,33 @@ def test_naming_an_index_fed_layer_is_an_error():
         layer_input_conditioning(model, (ids, torch.zeros(5)), layers=[nn.Embedding])
     with pytest.raises(ValueError, match=r"every selected layer \(0\) takes indices"):
         layer_input_statistics(nn.Sequential(nn.Embedding(11, 4), nn.Flatten()).double(), ids)
+
+
+class AttentionModel(nn.Module):
+    """nn.MultiheadAttention reads ``out_proj.weight`` without calling ``out_proj``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
+def test_multihead_attention_out_proj_is_named_not_guessed():
+    """Its module never runs, so it has no input to measure and no place in the forward order: the
+    default selections leave it out (the input probes used to raise for every MHA model); named, its
+    gradient is the true one."""
+    torch.manual_seed(0)
+    model = AttentionModel().double()
+    x = torch.randn(5, 6, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    state = ModelState.capture(model)
+    assert list(layer_input_conditioning(model, (x, y)).layers) == ["head"]
+    norms = layer_gradient_norms(model, F.cross_entropy, (x, y))
+    assert norms.layers == ("head",)
+    named = layer_gradient_norms(model, F.cross_entropy, (x, y), layers=["attn.out_proj", "head"])
+    grad = torch.autograd.grad(F.cross_entropy(model(x), y), model.attn.out_proj.weight)[0]
+    assert named.grad_norms[0] == pytest.approx(float(grad.norm()), rel=1e-12)
+    assert state.differences(model) == []
