@@ -160,16 +160,29 @@ def _run_one(
             return 0 if report.ok else 1
         raise CLIError(str(err)) from None
     except Exception as err:
-        if not report.failed:
+        diverged = _all_diverged(study, config, store)
+        if not report.failed and not diverged:
             raise
         print(
             f"whybn: {study.name}: drawing the figures from the runs that finished failed "
-            f"({type(err).__name__}: {err}); {failures}",
+            f"({type(err).__name__}: {err}); {failures if report.failed else diverged}",
             file=sys.stderr,
         )
         return 1
     print(f"{study.name}: figures and claims in {store.figures_dir} ({len(paths)} files)")
     return 0 if report.ok else 1
+
+
+def _all_diverged(study: Study, config: Any, store: RunStore) -> str:
+    """A sentence if every finished run of the sweep diverged (its figures may have nothing to show),
+    else ``""``."""
+    states = sweep_status(study, config, store)
+    if states["done"] or not states["diverged"]:
+        return ""
+    return (
+        f"every finished run diverged ({len(states['diverged'])}): a smaller learning rate, or "
+        f"`whybn status {study.name}` to list them"
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -239,10 +252,20 @@ def cmd_figures(args: argparse.Namespace) -> int:
         if not args.study and not store.runs_dir.is_dir():
             print(f"{name}: no results under {store.base}; skipped")
             continue
+        config = _saved_config(study, store)
         try:
-            paths = analyze_study(study, _saved_config(study, store), store)
+            paths = analyze_study(study, config, store)
         except FileNotFoundError as err:
             raise CLIError(str(err)) from None
+        except Exception as err:
+            diverged = _all_diverged(study, config, store)
+            if not diverged:
+                raise
+            print(
+                f"whybn: {name}: drawing the figures failed ({type(err).__name__}: {err}); {diverged}",
+                file=sys.stderr,
+            )
+            return 1
         print(f"{name}: {len(paths)} files in {store.figures_dir}")
     return 0
 

@@ -156,3 +156,29 @@ def test_figures_that_fail_on_a_partly_failed_sweep_are_reported_not_raised(
     # no failed run: an analysis error is a bug to see in full
     with pytest.raises(ValueError, match="Number of columns"):
         cli.main(["run", "toy", "--results", str(tmp_path / "ok")])
+
+
+def test_figures_that_fail_when_every_run_diverged_name_the_divergence(
+    toy_registry, tmp_path, capsys, monkeypatch
+):
+    """Diverged runs are data, not failures; when every one diverged and the study's figures cannot
+    be drawn from what they recorded, the message says so instead of a traceback."""
+    study = cli.get_study("toy")
+
+    def diverging(rc, ctx):
+        return [{"step": 0, "probe": "train", "metric": "diverged", "value": 1.0}]
+
+    def analyze(df, config, out_dir):
+        raise KeyError("gradient_term")
+
+    patched = Study(**{**study.__dict__, "run": diverging, "analyze": analyze})
+    monkeypatch.setattr(cli, "get_study", lambda name: patched)
+    assert cli.main(["run", "toy", "--results", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert (
+        "whybn: toy: drawing the figures from the runs that finished failed (KeyError: 'gradient_term')"
+        in err
+    )
+    assert "every finished run diverged (4): a smaller learning rate" in err
+    assert cli.main(["figures", "toy", "--results", str(tmp_path)]) == 1
+    assert "every finished run diverged (4)" in capsys.readouterr().err
