@@ -81,7 +81,7 @@ from probes.functional import norm_mode, probe_guard
 from probes.ics import InputStatistics, distribution_shift, unit_statistics
 from studies.lab.norms import TimeVaryingNoise
 from studies.lab.runs import load_run_data, make_run_net, run_train_config, train_run
-from studies.lab.study import RunContext, Study
+from studies.lab.study import RunContext, Study, check_two_probe_points
 from studies.lab.train import ProbeContext, ProbeSchedule
 
 SOURCE = "Santurkar et al. 2018, Fig. 2"
@@ -137,11 +137,9 @@ PAPER = replace(
 
 
 def grid(config: Config) -> list[dict[str, Any]]:
-    if not isinstance(config.steps, int) or config.steps < config.probe_every:
-        raise ValueError(
-            "noisy_bn: steps must be >= probe_every (a distribution shift needs two probe points), "
-            f"got steps={config.steps!r}, probe_every={config.probe_every!r}"
-        )
+    check_two_probe_points(
+        "noisy_bn", config.steps, config.probe_every, "a distribution shift needs two probe points"
+    )
     base = {k: v for k, v in asdict(config).items() if k not in ("norms", "seeds")}
     return [{"norm": norm, "seed": seed, **base} for norm in config.norms for seed in range(config.seeds)]
 

@@ -76,7 +76,7 @@ from analysis.claims import Claim, test_claim
 from analysis.style import NORM_LABELS, norm_palette, ordered_norms, save_figure, use_style
 from probes.gradients import effective_learning_rates, scale_invariance
 from studies.lab.runs import load_run_data, make_run_net, run_train_config, train_run
-from studies.lab.study import RunContext, Study
+from studies.lab.study import RunContext, Study, check_two_probe_points
 from studies.lab.train import ProbeContext, ProbeSchedule, lr_at
 
 SOURCE_A = "Arora, Li & Lyu 2019 (auto rate-tuning by batch normalization)"
@@ -124,11 +124,12 @@ PAPER = replace(
 
 def grid(config: Config) -> list[dict[str, Any]]:
     """One run per norm, weight decay and seed."""
-    if not isinstance(config.steps, int) or config.steps < config.probe_every:
-        raise ValueError(
-            "scale_invariance: steps must be >= probe_every (the weight norm's growth needs two probe "
-            f"points), got steps={config.steps!r}, probe_every={config.probe_every!r}"
-        )
+    check_two_probe_points(
+        "scale_invariance",
+        config.steps,
+        config.probe_every,
+        "the weight norm's growth needs two probe points",
+    )
     base = {k: v for k, v in asdict(config).items() if k not in ("norms", "weight_decays", "seeds")}
     return [
         {"arch": "mlp", "norm": norm, "weight_decay": wd, "seed": seed, **base}

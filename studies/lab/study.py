@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["RunContext", "Study", "apply_overrides", "parse_value"]
+__all__ = ["RunContext", "Study", "apply_overrides", "check_two_probe_points", "parse_value"]
 
 
 @dataclass(frozen=True)
@@ -132,3 +132,12 @@ def apply_overrides(config: Any, sets: Sequence[str] = (), *, seeds: int | None 
             raise ValueError(f"--seeds must be >= 1, got {seeds}")
         changes["seeds"] = seeds
     return dataclasses.replace(config, **changes)
+
+
+def check_two_probe_points(study: str, steps: Any, probe_every: Any, why: str) -> None:
+    """``ValueError`` unless a run of ``steps`` updates probed every ``probe_every`` reaches a second
+    probe point, which a study whose figures compare probe points needs (``why`` says what for)."""
+    if not isinstance(steps, int) or not isinstance(probe_every, int) or steps < probe_every:
+        raise ValueError(
+            f"{study}: steps must be >= probe_every ({why}), got steps={steps!r}, probe_every={probe_every!r}"
+        )
