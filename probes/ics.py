@@ -24,14 +24,21 @@ trainable parameter it owns directly (weight and bias; ``weight_v``, ``weight_g`
 layers own only one-dimensional affine parameters (γ, β), so they are not layers here; their
 parameters, like every other parameter, are placed by forward-execution order.
 
-**What "preceding" means.** During the full-gradient evaluation every module that owns parameters is
-timestamped by its first forward call (a forward pre-hook). The parameters updated for layer i are all
-trainable parameters whose owner started before layer i: earlier layers' weights and biases *and* the
-affine parameters of norm layers (or any other parameterized module) that ran before it. So a BN
-layer's γ, β right after layer j < i are part of the network preceding layer i, while those right
-after layer i are not. Layer 1 has nothing before it in a plain net (G' = G exactly, ICS 0, no
-gradient spent); a parameterized module that runs before the first layer (an input norm with affine
-parameters) does precede it. Parameters the optimizer does not hold never move (W'_j = W_j).
+**What "preceding" means.** During the full-gradient evaluation one clock orders two kinds of events:
+each module's first forward call (a forward pre-hook) and each parameter's first *read*, the first
+torch operation that takes the parameter as an argument (a ``TorchFunctionMode``). Layer i starts at
+its module's first call; the parameters updated for it are all trainable parameters first read before
+that: earlier layers' weights and biases *and* the affine parameters of norm layers (or of any other
+module) that ran before it. So a BN layer's γ, β right after layer j < i are part of the network
+preceding layer i, while those right after layer i are not. Reads, not owners, place a parameter: a
+position embedding that the root module adds after the patch embedding (``x = embed(x) + pos``)
+follows the embedding, though its owner (the root) is called first; ``nn.MultiheadAttention`` reads
+its ``out_proj`` weight without calling ``out_proj``, inside the attention, so it precedes the layers
+after the attention. A parameter that no torch operation reads (a custom kernel outside torch's
+function dispatch) is placed at its owner's first call. Layer 1 has nothing before it in a plain net
+(G' = G exactly, ICS 0, no gradient spent); a parameterized module that runs before the first layer
+(an input norm with affine parameters) does precede it. Parameters the optimizer does not hold never
+move (W'_j = W_j).
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from probes.activations import (
     capture_layer_inputs,
@@ -216,17 +225,21 @@ def ics_gradient_change(
                 owners.setdefault(name_of[id(p)], []).append(module)
 
     with probe_guard(model):
-        # 1) the full gradient, timestamping each parameter-owning module's first call
-        order: dict[int, int] = {}
+        # 1) the full gradient, on one clock: each parameter-owning module's first call and each
+        #    parameter's first read (the module docstring: reads, not owners, place a parameter)
+        order: dict[int, int] = {}  # id(module) → its first call
+        clock = _Clock()
 
         def stamp(module: nn.Module, _args: tuple) -> None:
-            order.setdefault(id(module), len(order))
+            if id(module) not in order:
+                order[id(module)] = clock()
 
         owning = {id(m): m for ms in owners.values() for m in ms} | {id(m): m for m in selected.values()}
         handles = [m.register_forward_pre_hook(stamp) for m in owning.values()]
         try:
             theta = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
-            grads = f.grad_at(theta, list(theta.values()))
+            with _FirstReads({id(t): n for n, t in theta.items()}, clock) as reads:
+                grads = f.grad_at(theta, list(theta.values()))
         finally:
             for h in handles:
                 h.remove()
@@ -240,7 +253,7 @@ def ics_gradient_change(
             raise ValueError(f"layers: never ran during the forward pass: {', '.join(never)}")
         ran = sorted(((n, m) for n, m in selected.items() if id(m) in order), key=lambda nm: order[id(nm[1])])
         position = {
-            name: min((order[id(m)] for m in ms if id(m) in order), default=math.inf)
+            name: reads.first.get(name, min((order[id(m)] for m in ms if id(m) in order), default=math.inf))
             for name, ms in owners.items()
         }
 
@@ -271,6 +284,42 @@ def ics_gradient_change(
             results.append(_compare(layer_name, g, g2, preceding))
             del leaves, g_new, g2  # freed before the next pass allocates (see in_one_allocation)
     return ICSResult(tuple(results), n_gradients)
+
+
+class _Clock:
+    """A counter: each call returns the next tick."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+
+    def __call__(self) -> int:
+        self.ticks += 1
+        return self.ticks
+
+
+#: Tensor methods and properties that read a tensor's metadata, not its values: not a "read".
+_METADATA = frozenset({"__get__", "size", "dim", "numel", "ndimension", "nelement", "is_floating_point"})
+
+
+class _FirstReads(TorchFunctionMode):
+    """Records, for each watched tensor (``{id(tensor): name}``), the tick of ``clock`` at the first
+    torch operation that takes it as an argument (nested in lists, tuples or dicts too): ``first``."""
+
+    def __init__(self, watched: dict[int, str], clock: _Clock) -> None:
+        super().__init__()
+        self.watched, self.clock = watched, clock
+        self.first: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", None) not in _METADATA:
+            tick = None
+            for leaf in tree_leaves((args, kwargs)):
+                name = self.watched.get(id(leaf)) if isinstance(leaf, Tensor) else None
+                if name is not None and name not in self.first:
+                    tick = tick or self.clock()
+                    self.first[name] = tick
+        return func(*args, **kwargs)
 
 
 def _dense(grad: Tensor | None, like: Tensor) -> Tensor:

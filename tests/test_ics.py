@@ -239,6 +239,127 @@ def test_bad_inputs_raise():
     assert [r.layer for r in result.layers] == ["used"]
 
 
+# ------------------------------------------------------- "preceding" by first read, not by owner
+
+
+class PositionEmbedded(nn.Module):
+    """A vision-transformer front: ``embed`` (patch linear), then the root's own ``pos`` is added, then
+    a hidden layer and a head. ``pos`` belongs to the root, which is called first, but is read after
+    ``embed``: it precedes ``hidden`` and ``head``, not ``embed``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.pos = nn.Parameter(0.5 * torch.randn(4, 5, dtype=torch.float64))
+        self.embed = nn.Linear(3, 5).double()
+        self.hidden = nn.Linear(5, 5).double()
+        self.head = nn.Linear(5, 3).double()
+
+    def forward(self, x):  # x: (N, 4 tokens, 3)
+        h = torch.tanh(self.hidden(torch.tanh(self.embed(x) + self.pos)))
+        return self.head(h.mean(1))
+
+
+class Attentive(nn.Module):
+    """Linear → nn.MultiheadAttention → Linear. The attention reads ``out_proj``'s weight inside its
+    own call without calling ``out_proj``; those parameters precede ``head``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.embed = nn.Linear(3, 4).double()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True).double()
+        self.head = nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.head(self.attn(h, h, h, need_weights=False)[0].mean(1))
+
+
+class Gained(nn.Module):
+    """A container whose own ``gain`` scales its child's output: ``gain`` is read after ``inner`` ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.gain = nn.Parameter(torch.full((5,), 1.5, dtype=torch.float64))
+        self.inner = nn.Linear(3, 5).double()
+        self.head = nn.Linear(5, 3).double()
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inner(x.mean(1)) * self.gain))
+
+
+def by_definition(model: nn.Module, lr: float, x, y, layer: str, moved: set[str]) -> tuple[float, float]:
+    """(‖G − G'‖, cos) with the parameters ``moved`` stepped by plain SGD (rate ``lr``), by hand."""
+
+    def grads_of(net):
+        net.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        return {n: p.grad.clone() for n, p in net.named_parameters()}
+
+    full = grads_of(copy.deepcopy(model))
+    net = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if n in moved:
+                p.sub_(lr * full[n])
+    own = [n for n in full if n.startswith(layer + ".")]
+    g = torch.cat([full[n].flatten() for n in own])
+    g2 = torch.cat([grads_of(net)[n].flatten() for n in own])
+    return (g - g2).norm().item(), (g @ g2 / (g.norm() * g2.norm())).item()
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (
+            PositionEmbedded,
+            {
+                "embed": (),
+                "hidden": ("pos", "embed.weight", "embed.bias"),
+                "head": ("pos", "embed.weight", "embed.bias", "hidden.weight", "hidden.bias"),
+            },
+        ),
+        (
+            Attentive,
+            {
+                "embed": (),
+                "head": (
+                    "embed.weight",
+                    "embed.bias",
+                    "attn.in_proj_weight",
+                    "attn.in_proj_bias",
+                    "attn.out_proj.weight",
+                    "attn.out_proj.bias",
+                ),
+            },
+        ),
+        (Gained, {"inner": (), "head": ("gain", "inner.weight", "inner.bias")}),
+    ],
+)
+def test_preceding_parameters_are_those_read_before_the_layer_runs(make, expected):
+    """Def. 2.1 moves the parameters the layer's input depends on, so a parameter is placed where the
+    forward pass first reads it: the first layer has exactly zero ICS even when a parameter of a module
+    called earlier (the root) is read after it, and a weight that a module reads without calling its
+    owner (MultiheadAttention's out_proj) precedes the layers after it."""
+    model = make()
+    x = torch.randn(6, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    opt = torch.optim.SGD(model.parameters(), lr=0.4)
+    state = ModelState.capture(model)
+    result = ics_gradient_change(model, F.cross_entropy, (x, y), opt)
+    assert state.differences(model) == []
+    assert {r.layer: r.preceding for r in result.layers} == expected
+    for r in result.layers:
+        l2, cosine = by_definition(model, 0.4, x, y, r.layer, set(r.preceding))
+        assert r.l2 == pytest.approx(l2, rel=1e-9, abs=1e-15)
+        assert r.cosine == pytest.approx(cosine, rel=1e-9)
+    first = result.layers[0]
+    assert (first.l2, first.cosine) == (0.0, 1.0)
+    assert result.layers[-1].l2 > 1e-3  # the check is not vacuous
+
+
 # ---------------------------------------------------------------------------------- distributional
 
 
