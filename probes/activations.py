@@ -7,8 +7,10 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,38 +24,63 @@ __all__ = [
     "floating_inputs",
     "layer_parameters",
     "layer_weight_name",
+    "layer_weight_names",
     "parameterized_layers",
     "select_modules",
 ]
 
 
-def layer_weight_name(module: nn.Module) -> str | None:
-    """The parameter that makes ``module`` a layer, or None, as a name relative to ``module``.
+def layer_weight_names(module: nn.Module) -> tuple[str, ...]:
+    """The parameters that make ``module`` a layer (its weight, W), as names relative to ``module``;
+    ``()`` for a module that is not a layer.
 
     * ``weight_v``: a weight-normalized layer's direction (whybn's wrappers, ``torch.nn.utils.weight_norm``);
     * ``parametrizations.weight.original…``: a weight under ``torch.nn.utils.parametrize``
       (``parametrizations.weight_norm``: its direction ``original1``; ``spectral_norm``, ``orthogonal``:
       ``original``): the largest of the parametrization's own parameters with ≥ 2 dimensions;
-    * ``weight``: a weight of ≥ 2 dimensions (Linear, Conv, Embedding) that the module owns itself.
+    * ``weight``: a weight of ≥ 2 dimensions (Linear, Conv, Embedding) that the module owns itself;
+      ``weight_orig`` likewise (the hook-based ``torch.nn.utils.spectral_norm``);
+    * otherwise every parameter with ≥ 2 dimensions the module owns whose name starts or ends with
+      ``weight``, in registration order: the several weight matrices of one layer, such as an
+      ``nn.LSTM``'s ``weight_ih_l0``, ``weight_hh_l0``, … . Such a layer's W is all of them together:
+      its norm is that of their concatenation;
+    * ``nn.MultiheadAttention``: ``in_proj_weight`` (or ``q_proj_weight``, ``k_proj_weight``,
+      ``v_proj_weight``) and ``out_proj.weight``, which the attention reads itself without calling
+      ``out_proj`` (a module that never runs, measurable on its own only when named).
 
     This is the one definition of a "parameterized layer" every probe uses; norm layers (1-D affine
-    ``weight``) and containers are not layers. Nothing is computed (a parametrized weight is not
-    evaluated, so a spectral norm's power iteration does not run).
+    ``weight``) and containers are not layers, nor is a module for a ≥ 2-D parameter of another name
+    (a position embedding). Nothing is computed (a parametrized weight is not evaluated, so a spectral
+    norm's power iteration does not run).
     """
     own = dict(module.named_parameters(recurse=False))
     if own.get("weight_v") is not None:
-        return "weight_v"
+        return ("weight_v",)
     if parametrize.is_parametrized(module, "weight"):
         originals = [
             (p.numel(), i, n)
             for i, (n, p) in enumerate(module.parametrizations.weight.named_parameters(recurse=False))
             if p.dim() >= 2
         ]
-        return f"parametrizations.weight.{max(originals)[2]}" if originals else None
-    weight = own.get("weight")
-    if weight is not None and weight.dim() >= 2:
-        return "weight"
-    return None
+        return (f"parametrizations.weight.{max(originals)[2]}",) if originals else ()
+    for name in ("weight", "weight_orig"):
+        if own.get(name) is not None and own[name].dim() >= 2:
+            return (name,)
+    matrices = tuple(
+        name
+        for name, p in own.items()
+        if p.dim() >= 2 and (name.startswith("weight") or name.endswith("weight"))
+    )
+    if isinstance(module, nn.MultiheadAttention):
+        matrices += tuple(f"out_proj.{name}" for name in layer_weight_names(module.out_proj))
+    return matrices
+
+
+def layer_weight_name(module: nn.Module) -> str | None:
+    """The first of :func:`layer_weight_names` (a layer's only weight but for multi-matrix layers such
+    as ``nn.LSTM``), or None for a module that is not a layer."""
+    names = layer_weight_names(module)
+    return names[0] if names else None
 
 
 def feature_axis(module: nn.Module) -> int:
@@ -67,10 +94,13 @@ def feature_axis(module: nn.Module) -> int:
 
 def layer_parameters(module: nn.Module) -> list[nn.Parameter]:
     """The parameters that belong to layer ``module``: those it owns directly (weight and bias;
-    ``weight_v``, ``weight_g``) and those of its ``torch.nn.utils.parametrize`` parametrizations."""
+    ``weight_v``, ``weight_g``), those of its ``torch.nn.utils.parametrize`` parametrizations, and for
+    ``nn.MultiheadAttention`` those of its ``out_proj``, which it reads without calling it."""
     own = list(module.parameters(recurse=False))
     if parametrize.is_parametrized(module):
         own += list(module.parametrizations.parameters())
+    if isinstance(module, nn.MultiheadAttention):
+        own += layer_parameters(module.out_proj)
     return own
 
 
@@ -114,6 +144,16 @@ def select_modules(
     return selected
 
 
+def _first_argument(module: nn.Module) -> str | None:
+    """The name of the first parameter of ``module.forward`` (None if it takes none or only ``*args``)."""
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return parameters[0].name if parameters and parameters[0].kind in named else None
+
+
 @contextmanager
 def capture(
     model: nn.Module,
@@ -122,10 +162,13 @@ def capture(
     what: str = "input",
     detach: bool = True,
 ) -> Iterator[dict[str, list[Tensor]]]:
-    """Record the first positional input (``what="input"``) or the output of each selected module.
+    """Record the input (``what="input"``) or the output of each selected module.
 
-    Yields ``{name: [tensor per call]}``, filled while the block runs; hooks are removed on exit even
-    if the block raises. Tensors are detached unless ``detach=False``.
+    The input is the first argument of ``forward``, passed by position or by keyword
+    (``attn(query=h, key=h, value=h)``); the output is the returned tensor, or the first element of a
+    returned tuple (``nn.MultiheadAttention``, ``nn.LSTM``). Yields ``{name: [tensor per call]}``, filled
+    while the block runs; hooks are removed on exit even if the block raises. Tensors are detached
+    unless ``detach=False``.
     """
     if what not in ("input", "output"):
         raise ValueError(f"what must be 'input' or 'output', got {what!r}")
@@ -133,9 +176,12 @@ def capture(
     store: dict[str, list[Tensor]] = {name: [] for name in modules}
     handles = []
 
-    def hook_for(name: str):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            value = args[0] if what == "input" else output
+    def hook_for(name: str, first: str | None):
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+            if what == "input":
+                value = args[0] if args else kwargs.get(first) if first is not None else None
+            else:
+                value = output[0] if isinstance(output, tuple | list) and output else output
             if isinstance(value, Tensor):
                 store[name].append(value.detach() if detach else value)
 
@@ -143,7 +189,8 @@ def capture(
 
     try:
         for name, module in modules.items():
-            handles.append(module.register_forward_hook(hook_for(name)))
+            hook = hook_for(name, _first_argument(module))
+            handles.append(module.register_forward_hook(hook, with_kwargs=True))
         yield store
     finally:
         for handle in handles:

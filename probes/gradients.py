@@ -4,8 +4,11 @@ and the scale invariance that normalization gives the weights before it.
 A *parameterized layer* is a module that owns (directly) a parameter ``weight_v`` (a weight-normalized
 layer, W = g·V/‖V‖: its direction parameter V is measured) or a parameter ``weight`` with at least two
 dimensions (linear and convolution kernels; the per-channel scales γ of norm layers are 1-D and are
-not layers here). Layers are listed in forward order: the order in which they are first called in a
-forward pass of the first batch. ``layers`` options take qualified module names or modules.
+not layers here), or several weight matrices (``nn.MultiheadAttention``'s input and output
+projections, an ``nn.LSTM``'s ``weight_ih_l*`` and ``weight_hh_l*``), which together are its W
+(:func:`probes.activations.layer_weight_names`). Layers are listed in forward order: the order in
+which they are first called in a forward pass of the first batch. ``layers`` options take qualified
+module names or modules.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from probes.activations import layer_weight_name
+from probes.activations import layer_weight_names
 from probes.functional import (
     FunctionalLoss,
     as_batches,
@@ -84,8 +87,10 @@ def ordered_layers(
     *,
     example: Tensor | None = None,
     bn: str = "batch",
-) -> list[tuple[str, str]]:
-    """``(module name, parameter name)`` of each parameterized layer (see the module docstring).
+) -> list[tuple[str, tuple[str, ...]]]:
+    """``(module name, weight names)`` of each parameterized layer (see the module docstring): the
+    names, relative to the module, of the parameters that make its weight W
+    (:func:`probes.activations.layer_weight_names`; one but for layers such as ``nn.LSTM``).
 
     ``layers=None``: every parameterized layer of ``model``, in forward order when ``example`` inputs
     are given, less those the forward pass never calls (else registration order): an auxiliary head,
@@ -97,7 +102,7 @@ def ordered_layers(
     check_bn(bn)
     named = dict(model.named_modules())
     if layers is None:
-        found = [(n, p) for n, m in named.items() if (p := layer_weight_name(m)) is not None]
+        found = [(n, p) for n, m in named.items() if (p := layer_weight_names(m))]
         if not found:
             raise ValueError(
                 "layers: the model has no parameterized layer (a module owning `weight_v` or a weight "
@@ -110,7 +115,7 @@ def ordered_layers(
     if isinstance(layers, str | nn.Module) or not isinstance(layers, Iterable):
         raise ValueError(f"layers: expected a list of module names or modules, got {layers!r}")
     by_id = {id(m): n for n, m in named.items()}
-    result: list[tuple[str, str]] = []
+    result: list[tuple[str, tuple[str, ...]]] = []
     for entry in layers:
         if isinstance(entry, str):
             if entry not in named:
@@ -122,8 +127,8 @@ def ordered_layers(
             name = by_id[id(entry)]
         else:
             raise ValueError(f"layers: expected module names or modules, got {entry!r}")
-        kind = layer_weight_name(named[name])
-        if kind is None:
+        kind = layer_weight_names(named[name])
+        if not kind:
             raise ValueError(
                 f"layers: {name!r} ({type(named[name]).__name__}) owns no `weight_v` or ≥2-D `weight`"
             )
@@ -135,12 +140,25 @@ def ordered_layers(
     return result
 
 
-def _weight_names(model: nn.Module, chosen: list[tuple[str, str]]) -> list[str]:
-    """The model's name for each layer's weight: the name ``named_parameters`` lists it under, so a
-    weight shared by several layers (``b.weight = a.weight``) has one name, its first."""
+def _weight_names(model: nn.Module, chosen: list[tuple[str, tuple[str, ...]]]) -> list[tuple[str, ...]]:
+    """The model's names for each layer's weight parameters: the names ``named_parameters`` lists them
+    under, so a weight shared by several layers (``b.weight = a.weight``) has one name, its first."""
     first = {id(p): n for n, p in model.named_parameters()}
     modules = dict(model.named_modules())
-    return [first[id(modules[m].get_parameter(p))] for m, p in chosen]
+    return [tuple(first[id(modules[m].get_parameter(p))] for p in kinds) for m, kinds in chosen]
+
+
+def _joint_norm(tensors: Iterable[Tensor]) -> float:
+    """‖(t₁, …, t_k)‖₂: the Frobenius norm of a layer's weight matrices taken together (for one
+    matrix exactly its own norm, not the square root of its square)."""
+    norms = [_norm(t) for t in tensors]
+    return norms[0] if len(norms) == 1 else math.sqrt(sum(n * n for n in norms))
+
+
+def _common_lr(lrs: list[float]) -> float:
+    """The learning rate of a layer whose weight matrices may sit in several param groups; ``nan``
+    if the groups' rates differ (η/‖W‖² then has no single η)."""
+    return lrs[0] if all(lr == lrs[0] for lr in lrs) else math.nan
 
 
 def _gradient(
@@ -227,9 +245,9 @@ def layer_gradient_norms(
     names = _weight_names(model, chosen)
     params = dict(model.named_parameters())
     with probe_guard(model):
-        loss, grads = _gradient(model, loss_fn, pairs, list(dict.fromkeys(names)), bn)
-    g = np.array([_norm(grads[n]) for n in names])
-    w = np.array([_norm(params[n].detach()) for n in names])
+        loss, grads = _gradient(model, loss_fn, pairs, list(dict.fromkeys(n for ns in names for n in ns)), bn)
+    g = np.array([_joint_norm(grads[n] for n in ns) for ns in names])
+    w = np.array([_joint_norm(params[n].detach() for n in ns) for ns in names])
     with np.errstate(divide="ignore", invalid="ignore"):
         ratios = g[:-1] / g[1:]
     return GradientNorms(
@@ -268,21 +286,22 @@ class UpdateRatios:
 
 
 def _owned_layers(
-    model: nn.Module, chosen: list[tuple[str, str]], layers: Layers, owned: dict[int, str]
-) -> tuple[list[tuple[str, str]], list[str]]:
+    model: nn.Module, chosen: list[tuple[str, tuple[str, ...]]], layers: Layers, owned: dict[int, str]
+) -> tuple[list[tuple[str, tuple[str, ...]]], list[tuple[str, ...]]]:
     """The layers an optimizer-based probe reports, and their weights' qualified names.
 
-    ``layers=None``: the parameterized layers whose weight ``optimizer`` holds (a frozen layer, or one
-    trained by another optimizer, has no step to report); ``ValueError`` if there is none. Layers
-    named explicitly must all be the optimizer's (``ValueError`` naming those that are not)."""
+    ``layers=None``: the parameterized layers whose weight (all its parameters) ``optimizer`` holds (a
+    frozen layer, or one trained by another optimizer, has no step to report); ``ValueError`` if there
+    is none. Layers named explicitly must all be the optimizer's (``ValueError`` naming the weight
+    parameters it does not hold)."""
     names = _weight_names(model, chosen)
     held = set(owned.values())
     if layers is not None:
-        missing = sorted(set(names) - held)
+        missing = sorted({n for ns in names for n in ns} - held)
         if missing:
             raise ValueError(f"optimizer: does not own the layer parameters {missing}")
         return chosen, names
-    kept = [(layer, name) for layer, name in zip(chosen, names, strict=True) if name in held]
+    kept = [(layer, ns) for layer, ns in zip(chosen, names, strict=True) if held.issuperset(ns)]
     if not kept:
         raise ValueError("optimizer: holds the weight of none of the model's parameterized layers")
     return [layer for layer, _ in kept], [name for _, name in kept]
@@ -345,8 +364,8 @@ def update_to_weight_ratios(
     chosen, names = _owned_layers(model, chosen, layers, optimizer_param_names(model, optimizer))
     loss, updates = simulated_step(model, loss_fn, pairs, optimizer, bn=bn)
     params = dict(model.named_parameters())
-    u = np.array([_norm(updates[n]) for n in names])
-    w = np.array([_norm(params[n].detach()) for n in names])
+    u = np.array([_joint_norm(updates[n] for n in ns) for ns in names])
+    w = np.array([_joint_norm(params[n].detach() for n in ns) for ns in names])
     with np.errstate(divide="ignore", invalid="ignore"):
         ratios = u / w
     return UpdateRatios(tuple(m for m, _ in chosen), u, w, ratios, loss)
@@ -384,7 +403,8 @@ def effective_learning_rates(
 
     For a scale-invariant W (L(cW) = L(W), e.g. followed by BN), ∇L(cW) = ∇L(W)/c, so SGD on W with
     rate η moves the direction W/‖W‖ as SGD with rate η/‖W‖² would: that is the rate that matters.
-    η is the current ``lr`` of the param group holding W (a scheduler's value included). The formula
+    η is the current ``lr`` of the param group holding W (a scheduler's value included; ``nan`` for a
+    layer whose weight matrices, as an LSTM's, sit in groups of different rates). The formula
     is only meaningful for scale-invariant layers (check with :func:`scale_invariance`) and SGD-like
     updates; ``layers=None`` lists every parameterized layer whose weight the optimizer holds (frozen
     layers are skipped), in registration order. Reads only.
@@ -394,8 +414,8 @@ def effective_learning_rates(
     chosen, names = _owned_layers(model, chosen, layers, owned)
     lr_of = {owned[id(p)]: float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
     params = dict(model.named_parameters())
-    lrs = np.array([lr_of[n] for n in names])
-    w = np.array([_norm(params[n].detach()) for n in names])
+    lrs = np.array([_common_lr([lr_of[n] for n in ns]) for ns in names])
+    w = np.array([_joint_norm(params[n].detach() for n in ns) for ns in names])
     with np.errstate(divide="ignore"):
         eff = lrs / w**2
     return EffectiveLearningRates(tuple(m for m, _ in chosen), lrs, w, eff)
@@ -463,14 +483,15 @@ def scale_invariance(
     if not tol >= 0:
         raise ValueError(f"tol must be ≥ 0, got {tol!r}")
     pairs = as_batches(batches)
-    (name,) = _weight_names(model, [(module, kind)])
+    (names,) = _weight_names(model, [(module, kind)])
     with probe_guard(model):
-        loss, grads = _gradient(model, loss_fn, pairs, [name], bn)
-        f = FunctionalLoss(model, loss_fn, pairs, resolve_params(model, [name]), bn)
+        loss, grads = _gradient(model, loss_fn, pairs, list(names), bn)
+        f = FunctionalLoss(model, loss_fn, pairs, resolve_params(model, list(names)), bn)
         with torch.no_grad():
             changes = np.array([abs(float(f(float(c) * f.theta0)) - loss) for c in cs])
-    grad = grads[name].reshape(-1)
-    w = dict(model.named_parameters())[name].detach().reshape(-1)
+    params = dict(model.named_parameters())
+    grad = torch.cat([grads[n].reshape(-1) for n in names])
+    w = torch.cat([params[n].detach().reshape(-1) for n in names])
     grad_norm = _norm(grad)
     denom = grad_norm * _norm(w)
     cosine = float(grad @ w) / denom if denom > 0 else 0.0

@@ -18,11 +18,15 @@ per-unit statistics at one moment, :func:`distribution_shift` compares two of th
 variance, and the 1-Wasserstein distance between each unit's empirical input distributions).
 
 **What is a layer.** A *parameterized layer* is a module that directly owns (``recurse=False``) a
-parameter with two or more dimensions: a weight matrix or kernel (``nn.Linear``, ``nn.Conv*``,
-``nn.Embedding``, whybn's weight-normalized wrappers with ``weight_v``). Its parameters W_i are every
-trainable parameter it owns directly (weight and bias; ``weight_v``, ``weight_g`` and bias). Norm
-layers own only one-dimensional affine parameters (γ, β), so they are not layers here; their
-parameters, like every other parameter, are placed by forward-execution order.
+weight with two or more dimensions (:func:`probes.activations.layer_weight_names`): a weight matrix or
+kernel (``nn.Linear``, ``nn.Conv*``, ``nn.Embedding``, whybn's weight-normalized wrappers with
+``weight_v``, a parametrized or spectrally normalized weight) or several (``nn.LSTM``, ``nn.GRU``,
+``nn.MultiheadAttention``). Its parameters W_i are every trainable parameter it owns directly
+(weight and bias; ``weight_v``, ``weight_g`` and bias; all of a recurrent layer's matrices and biases;
+an attention's input projection and its ``out_proj``, which it reads without calling it:
+:func:`probes.activations.layer_parameters`). Norm layers own only one-dimensional affine parameters
+(γ, β), so they are not layers here; their parameters, like every other parameter, are placed by
+forward-execution order.
 
 **What "preceding" means.** During the full-gradient evaluation one clock orders two kinds of events:
 each module's first forward call (a forward pre-hook) and each parameter's first *read*, the first

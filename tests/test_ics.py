@@ -261,8 +261,9 @@ class PositionEmbedded(nn.Module):
 
 
 class Attentive(nn.Module):
-    """Linear → nn.MultiheadAttention → Linear. The attention reads ``out_proj``'s weight inside its
-    own call without calling ``out_proj``; those parameters precede ``head``."""
+    """Linear → nn.MultiheadAttention → Linear. The attention is a layer (its weight: ``in_proj_weight``)
+    that reads ``out_proj``'s weight inside its own call without calling ``out_proj``; those parameters
+    precede ``head``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -325,6 +326,7 @@ def by_definition(model: nn.Module, lr: float, x, y, layer: str, moved: set[str]
             Attentive,
             {
                 "embed": (),
+                "attn": ("embed.weight", "embed.bias"),  # its weight: in_proj_weight (and its bias)
                 "head": (
                     "embed.weight",
                     "embed.bias",

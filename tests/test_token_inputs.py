@@ -71,19 +71,31 @@ class AttentionModel(nn.Module):
         return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
 
 
-def test_multihead_attention_out_proj_is_named_not_guessed():
-    """Its module never runs, so it has no input to measure and no place in the forward order: the
-    default selections leave it out (the input probes used to raise for every MHA model); named, its
-    gradient is the true one."""
+def test_multihead_attention_is_a_layer_and_its_out_proj_is_named_not_guessed():
+    """The attention is a layer: its weight is ``in_proj_weight`` with ``out_proj.weight``, its input
+    the query (``(N, T, E)``: E features). ``out_proj`` never runs as a module, so it has no input to
+    measure and no place in the forward order: default selections leave it out (the input probes used
+    to raise for every MHA model); named, its gradient is the true one."""
     torch.manual_seed(0)
     model = AttentionModel().double()
     x = torch.randn(5, 6, 4, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 0, 1])
     state = ModelState.capture(model)
-    assert list(layer_input_conditioning(model, (x, y)).layers) == ["head"]
+    conditioning = layer_input_conditioning(model, (x, y))
+    assert list(conditioning.layers) == ["attn", "head"]
+    expected = np.linalg.eigvalsh(np.cov(x.reshape(-1, 4).numpy().T, bias=True))
+    np.testing.assert_allclose(np.sort(conditioning["attn"].eigenvalues), np.sort(expected), rtol=1e-10)
     norms = layer_gradient_norms(model, F.cross_entropy, (x, y))
-    assert norms.layers == ("head",)
+    assert norms.layers == ("attn", "head")
+    attn = model.attn
+    g_in, g_out = torch.autograd.grad(
+        F.cross_entropy(model(x), y), [attn.in_proj_weight, attn.out_proj.weight]
+    )
+    assert norms.grad_norms[0] == pytest.approx(
+        float(torch.cat([g_in.flatten(), g_out.flatten()]).norm()), rel=1e-12
+    )
+    weights = torch.cat([attn.in_proj_weight.flatten(), attn.out_proj.weight.flatten()])
+    assert norms.weight_norms[0] == pytest.approx(float(weights.norm()), rel=1e-12)
     named = layer_gradient_norms(model, F.cross_entropy, (x, y), layers=["attn.out_proj", "head"])
-    grad = torch.autograd.grad(F.cross_entropy(model(x), y), model.attn.out_proj.weight)[0]
-    assert named.grad_norms[0] == pytest.approx(float(grad.norm()), rel=1e-12)
+    assert named.grad_norms[0] == pytest.approx(float(g_out.norm()), rel=1e-12)
     assert state.differences(model) == []
