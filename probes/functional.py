@@ -66,6 +66,15 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
+def _set_rng_state(state: dict[str, Any]) -> None:
+    """Put back the global RNG states :func:`_rng_state` read."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002
+    random.setstate(state["python"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def tensor_slots(model: nn.Module) -> list[tuple[str, nn.Module, str, str, Tensor]]:
     """Every place a parameter or buffer lives: ``(qualified name, module, "_parameters" or "_buffers",
     attribute, tensor)``, each (module, attribute) once, under its module's first name.
@@ -164,11 +173,7 @@ class ModelState:
         for name, m in model.named_modules():
             if m.training != self.training[name]:  # Module.__setattr__ is slow: set only what changed
                 m.training = self.training[name]
-        torch.set_rng_state(self.rng["torch"])
-        np.random.set_state(self.rng["numpy"])  # noqa: NPY002
-        random.setstate(self.rng["python"])
-        if "cuda" in self.rng:
-            torch.cuda.set_rng_state_all(self.rng["cuda"])
+        _set_rng_state(self.rng)
 
 
 @contextmanager
@@ -407,19 +412,28 @@ def resolve_params(
 def as_batches(
     batches: tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]],
 ) -> list[tuple[Tensor, Tensor]]:
-    """One ``(inputs, targets)`` pair or an iterable of pairs, as a list (``ValueError`` if empty)."""
+    """One ``(inputs, targets)`` pair or an iterable of pairs, as a list (``ValueError`` if empty).
+
+    Iterating draws no random number as far as the caller can tell: a shuffling ``DataLoader`` draws
+    its permutation (and its workers' seeds) from the global generators, whose states are put back, so
+    a probe inside a training loop leaves the run's later random numbers (dropout masks, the next
+    epoch's order) exactly as they would have been without it.
+    """
     if (
         isinstance(batches, tuple | list)
         and len(batches) == 2
         and all(isinstance(t, Tensor) for t in batches)
     ):
         return [(_usable(batches[0]), _usable(batches[1]))]
+    rng = _rng_state()
     try:
         pairs = [tuple(b) for b in batches]
     except TypeError:
         raise ValueError(
             f"batches: expected an (inputs, targets) pair or an iterable of them, got {batches!r}"
         ) from None
+    finally:
+        _set_rng_state(rng)
     if not pairs:
         raise ValueError("batches: empty; expected an (inputs, targets) pair or an iterable of them")
     for pair in pairs:

@@ -279,3 +279,27 @@ def test_bound_evaluates_at_its_own_theta_and_leaves_the_model_as_found():
     with pytest.raises(RuntimeError, match="already inside a bound"):
         f.bound(theta, lambda: f.bound(theta, lambda: None))
     assert state.differences(net) == []
+
+
+@pytest.mark.parametrize("probe", list(_probe_calls()))
+def test_a_shuffling_data_loader_leaves_the_random_stream_as_found(probe):
+    """Iterating a ``DataLoader(shuffle=True)`` draws its permutation from torch's global generator;
+    a probe given one puts the generator back, so a training loop that probes goes on with the random
+    numbers it would have drawn without the probe (the same dropout masks, the same next epoch)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    call = _probe_calls()[probe]
+    net = tiny_net("mlp", "bn")
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    x, y = make_batch("mlp", 16, seed=3)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
+    torch.manual_seed(11)
+    drawn = list(loader)  # the batches this loader draws from this state
+    torch.manual_seed(11)
+    unprobed = torch.rand(3)  # what the run draws next without a probe
+    torch.manual_seed(11)
+    state = ModelState.capture(net)
+    got = call(net, loader, opt)
+    assert state.differences(net) == []  # the RNG states included
+    assert torch.equal(torch.rand(3), unprobed)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(call(net, drawn, opt)))
