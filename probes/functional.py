@@ -255,7 +255,15 @@ def norm_mode(model: nn.Module, bn: str = "batch") -> Iterator[nn.Module]:
                 set_flag(m, "training", batch)
             if batch:
                 set_flag(m, "track_running_stats", False)
-        yield model
+        try:
+            yield model
+        except ValueError as error:  # a probe's own forward pass (hooks, captures) on a batch of one
+            if bn == "batch" and "value per channel" in str(error) and not str(error).startswith("batches:"):
+                raise ValueError(
+                    "batches: a batch-dependent norm layer got one value per channel under bn='batch' "
+                    f"(a batch of one sample); use larger batches or bn='running' ({error})"
+                ) from error
+            raise
     finally:
         for m, training, track in saved:
             if m.training != training:

@@ -303,3 +303,16 @@ def test_a_shuffling_data_loader_leaves_the_random_stream_as_found(probe):
     assert state.differences(net) == []  # the RNG states included
     assert torch.equal(torch.rand(3), unprobed)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(call(net, drawn, opt)))
+
+
+@pytest.mark.parametrize("probe", list(_probe_calls()))
+def test_every_probe_names_a_batch_of_one_under_batch_mode(probe):
+    """BN has no batch statistics for one sample: each probe says so, naming ``batches`` and the way
+    out, instead of torch's message from deep inside the forward pass (the input probes used to)."""
+    net = tiny_net("mlp", "bn")
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    x, y = make_batch("mlp", 8, seed=3)
+    state = ModelState.capture(net)
+    with pytest.raises(ValueError, match=r"^batches: a batch.*one value per channel under bn='batch'"):
+        _probe_calls()[probe](net, (x[:1], y[:1]), opt)
+    assert state.differences(net) == []
