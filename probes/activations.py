@@ -122,7 +122,8 @@ def select_modules(
     if isinstance(layers, Mapping):
         return dict(layers)
     if layers is None:
-        return {name: m for name, m in named.items() if name and not any(True for _ in m.children())}
+        # every leaf, the root too when it is one (a model that is a single nn.Linear)
+        return {name: m for name, m in named.items() if not any(True for _ in m.children())}
     by_id = {id(m): name for name, m in named.items()}
     selected: dict[str, nn.Module] = {}
     for entry in layers:
@@ -135,7 +136,7 @@ def select_modules(
                 raise ValueError(f"layers: {type(entry).__name__} module is not part of the model")
             selected[by_id[id(entry)]] = entry
         elif isinstance(entry, type) and issubclass(entry, nn.Module):
-            matches = {name: m for name, m in named.items() if name and isinstance(m, entry)}
+            matches = {name: m for name, m in named.items() if isinstance(m, entry)}  # the root too
             if not matches:
                 raise ValueError(f"layers: the model has no {entry.__name__} module")
             selected.update(matches)

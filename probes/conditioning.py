@@ -663,7 +663,8 @@ def kfac_factor_conditioning(
     check_bn(bn)
     pairs = as_batches(batches)
     if layers is None:
-        modules = {n: m for n, m in model.named_modules() if n and isinstance(m, nn.Linear | _CONVS)}
+        # the root too: a model that is one nn.Linear (logistic regression)
+        modules = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear | _CONVS)}
         if not modules:
             raise ValueError("layers: the model has no nn.Linear or nn.Conv1d/2d/3d layer")
     else:

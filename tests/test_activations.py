@@ -34,6 +34,19 @@ def test_capture_inputs_outputs_by_type_name_and_module():
     torch.testing.assert_close(ins["2"], net[1](net[0](x)))  # two calls concatenated along the batch
 
 
+def test_a_model_that_is_one_layer_is_selected_by_default_and_by_type():
+    """The root module's name is ``""``; a model that is a single ``nn.Linear`` is its own only leaf and
+    matches its type (both selections used to come out empty)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    for layers in (None, [nn.Linear], [""], [model]):
+        with capture_layer_inputs(model, layers) as inputs, capture_layer_outputs(model, layers) as outputs:
+            model(x)
+        assert list(inputs) == [""] and torch.equal(inputs[""], x)
+        torch.testing.assert_close(outputs[""], model(x).detach(), rtol=0, atol=0)
+
+
 def test_hooks_removed_on_exit_even_after_error():
     net = small_net()
     with pytest.raises(RuntimeError), capture(net, [nn.Linear]):

@@ -312,6 +312,21 @@ def test_kfac_factors_equal_hand_computed():
     assert any(r["metric"] == "condition_number_AxG" for r in result.to_records())
 
 
+def test_kfac_factors_of_a_model_that_is_one_linear_layer():
+    """Logistic regression, the model *is* an ``nn.Linear`` (the root module): A = E[ā āᵀ] of the
+    inputs, G = E[(p − y)(p − y)ᵀ]; the probe used to say the model had no linear layer."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4).double()
+    gen = torch.Generator().manual_seed(2)
+    x, t = torch.randn(10, 3, generator=gen, dtype=torch.float64), torch.randint(0, 4, (10,), generator=gen)
+    result = kfac_factor_conditioning(model, F.cross_entropy, (x, t))
+    assert list(result.layers) == [""]
+    a = torch.cat([x, torch.ones(10, 1, dtype=torch.float64)], dim=1)
+    g = torch.softmax(model(x).detach(), dim=1) - F.one_hot(t, 4)
+    np.testing.assert_allclose(result[""].A, a.T @ a / 10, atol=1e-12)
+    np.testing.assert_allclose(result[""].G, g.T @ g / 10, atol=1e-12)
+
+
 def test_kfac_factors_of_a_frozen_layer_are_those_of_the_trainable_one():
     """G = ∂(N·L)/∂s needs no trainable weight: freezing the first layer (fine-tuning) changes no factor."""
     torch.manual_seed(0)
