@@ -200,10 +200,20 @@ def hessian_outliers(
     layer: str | None = None,
 ) -> OutlierResult:
     """The outlier measures of Ghorbani et al. 2019 from the top-``num_classes`` eigenpairs of ∇²L.
-    ``hvp``, ``cache_graphs``: as in :func:`hessian_eigenvalues`."""
+    ``num_classes`` K ≥ 2, fewer than the parameters. ``hvp``, ``cache_graphs``: as in
+    :func:`hessian_eigenvalues`."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer) or num_classes < 2:
+        raise ValueError(
+            f"num_classes must be an integer >= 2 (K of the outlier ratio λ1/λK), got {num_classes!r}"
+        )
     with hessian_operator(
         model, loss_fn, batches, params=params, bn=bn, method=hvp, cache_graphs=cache_graphs
     ) as op:
+        if num_classes >= op.shape[0]:
+            raise ValueError(
+                f"num_classes must be smaller than the number of parameters n = {op.shape[0]}, "
+                f"got {num_classes}"
+            )
         eig = spectral.eigenvalues(op, k=num_classes, which="LA", tol=tol, seed=seed, return_vectors=True)
         gradient = op.gradient()
     # float32 Ritz vectors are orthonormal only to ~1e-6·√k: project on their span through a float64 QR

@@ -126,6 +126,12 @@ def test_bad_inputs():
         hessian_eigenvalues(case.model, case.loss_fn, case.batches, k=n)
     with pytest.raises(ValueError, match="which"):
         hessian_eigenvalues(case.model, case.loss_fn, case.batches, which="BE")
+    for k in (0, 1, 2.0, True):
+        with pytest.raises(ValueError, match=rf"^num_classes must be an integer >= 2 .*got {k!r}"):
+            hessian_outliers(case.model, case.loss_fn, case.batches, num_classes=k)
+    too_many = rf"^num_classes must be smaller than the number of parameters n = {n},"
+    with pytest.raises(ValueError, match=too_many):
+        hessian_outliers(case.model, case.loss_fn, case.batches, num_classes=n)
     with pytest.raises(ValueError, match="batches"):
         hessian_trace(case.model, case.loss_fn, [])
     with pytest.raises(ValueError, match="params"):
