@@ -226,16 +226,25 @@ class HessianOperator:
 
 @contextmanager
 def _naming_checkpointing() -> Iterator[None]:
-    """torch.func's error for a model that checkpoints activations, as a ``ValueError`` that says what
-    to do instead (reverse-over-reverse recomputes the segments at θ: :meth:`FunctionalLoss.bound`)."""
+    """torch.func's errors for what it cannot transform, as a ``ValueError`` that says what to do
+    instead: activation checkpointing (reverse-over-reverse recomputes the segments at θ:
+    :meth:`FunctionalLoss.bound`), and an ``autograd.Function`` without ``setup_context`` (a module's
+    full backward hook, ``register_full_backward_hook``, is one; double backward runs it as autograd does)."""
     try:
         yield
     except RuntimeError as error:
-        if "saved tensor hooks" not in str(error):
+        if "saved tensor hooks" in str(error):
+            what = "activation checkpointing (torch.utils.checkpoint) in the model"
+        elif "setup_context" in str(error):
+            what = (
+                "an autograd.Function without setup_context in the model (a module's full backward hook, "
+                "register_full_backward_hook, is one)"
+            )
+        else:
             raise
         raise ValueError(
-            "hvp='forward_over_reverse' (torch.func) cannot differentiate through activation checkpointing "
-            "(torch.utils.checkpoint) in the model; use hvp='double_backward'"
+            f"hvp='forward_over_reverse' (torch.func) cannot differentiate through {what}; "
+            "use hvp='double_backward'"
         ) from error
 
 

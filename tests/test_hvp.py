@@ -416,3 +416,24 @@ def test_hvp_through_torchs_own_layers_matches_finite_differences(layer, method)
         hv = op.matvec(v)
     assert float((hv - fd).norm()) <= 1e-6 * float(fd.norm())
     assert state.differences(model) == []
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # torch's, as in the user's own training
+def test_a_users_full_backward_hook_leaves_the_hessian_and_forward_over_reverse_names_it():
+    """A module hook the user registered for logging runs inside the probe's backward passes: double
+    backward gives the Hessian of the same net without the hook; torch.func cannot transform the hook's
+    autograd.Function, and says which method can."""
+    net = tiny_net("mlp", "bn")
+    x, y = make_batch("mlp", 8, seed=3)
+    expected = explicit_hessian(net, F.cross_entropy, (x, y))
+    seen = []
+    handle = net.blocks[0].layer.register_full_backward_hook(lambda m, gi, go: seen.append(go[0].shape))
+    op = hessian_operator(net, F.cross_entropy, (x, y), method="double_backward")
+    H = torch.stack([op.matvec(e) for e in torch.eye(op.shape[0], dtype=torch.float64)], 1)
+    torch.testing.assert_close(H, expected, rtol=1e-10, atol=1e-12)
+    assert seen  # the hook ran
+    names_it = r"forward_over_reverse.*register_full_backward_hook.*double_backward"
+    with pytest.raises(ValueError, match=names_it):
+        hessian_operator(net, F.cross_entropy, (x, y), method="forward_over_reverse").matvec(H[:, 0])
+    assert net.blocks[0].layer._backward_hooks  # still the user's
+    handle.remove()
