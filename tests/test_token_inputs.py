@@ -94,7 +94,7 @@ def test_multihead_attention_is_a_layer_and_its_out_proj_is_named_not_guessed():
     assert norms.grad_norms[0] == pytest.approx(
         float(torch.cat([g_in.flatten(), g_out.flatten()]).norm()), rel=1e-12
     )
-    weights = torch.cat([attn.in_proj_weight.flatten(), attn.out_proj.weight.flatten()])
+    weights = torch.cat([attn.in_proj_weight.detach().flatten(), attn.out_proj.weight.detach().flatten()])
     assert norms.weight_norms[0] == pytest.approx(float(weights.norm()), rel=1e-12)
     named = layer_gradient_norms(model, F.cross_entropy, (x, y), layers=["attn.out_proj", "head"])
     assert named.grad_norms[0] == pytest.approx(float(g_out.norm()), rel=1e-12)
