@@ -775,6 +775,29 @@ def make_least_squares(
     return x, y, w_true
 
 
+def _check_whitenable(x: np.ndarray) -> None:
+    """``ValueError`` unless every feature of ``x`` varies and the centered features have full rank."""
+    n, d = x.shape
+    if n < 2:
+        raise ValueError(f"X: standardizing and whitening need at least 2 samples, got {n}")
+    if not np.isfinite(x).all():
+        raise ValueError("X: contains NaN or infinite values")
+    constant = np.flatnonzero(x.std(0) == 0).tolist()
+    if constant:
+        raise ValueError(
+            f"X: feature(s) {constant} are constant, so they cannot be standardized or whitened; drop "
+            "them (an intercept column is not needed: centering removes it)"
+        )
+    xc = x - x.mean(0)
+    lam = np.linalg.eigvalsh(xc.T @ xc / n)
+    if lam[0] <= d * np.finfo(np.float64).eps * lam[-1]:
+        rank = int(np.sum(lam > d * np.finfo(np.float64).eps * lam[-1]))
+        raise ValueError(
+            f"X: the centered features have rank {rank} < d = {d} (collinear features, or fewer samples "
+            "than features), so whitening is undefined; drop the redundant features"
+        )
+
+
 def _standardize(x: np.ndarray) -> np.ndarray:
     return (x - x.mean(0)) / x.std(0)
 
@@ -793,8 +816,12 @@ def least_squares_conditioning(X: Tensor | np.ndarray) -> dict[str, CovarianceSt
 
     Standardization makes diag H = 1, which cures a diagonal scaling (κ → ~1) but not correlation
     (κ(H) = κ(correlation matrix)); whitening gives H = I (κ = 1) for any full-rank X.
+    ``ValueError`` for X that cannot be standardized or whitened: fewer than two samples, a value that
+    is not finite, a constant feature (an intercept column: centering already removes it), or centered
+    features of rank < d.
     """
     x = _as_matrix(X).cpu().numpy()
+    _check_whitenable(x)
     variants = {
         "raw": x,
         "standardized": _standardize(x),

@@ -89,6 +89,25 @@ def test_zca_whitened_data_is_white():
 # ---------------------------------------------------------------------------------- least squares
 
 
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda x: x[:1], r"^X: standardizing and whitening need at least 2 samples, got 1"),
+        (lambda x: np.hstack([x, np.ones((len(x), 1))]), r"^X: feature\(s\) \[4\] are constant.*intercept"),
+        (lambda x: np.hstack([x, x[:, :1] - 2 * x[:, 1:2]]), r"^X: the centered features have rank 4 < d"),
+        (lambda x: x[:3], r"^X: the centered features have rank 2 < d = 4"),
+        (lambda x: np.where(np.arange(len(x))[:, None] == 3, np.nan, x), r"^X: contains NaN or infinite"),
+    ],
+)
+def test_least_squares_conditioning_names_features_that_cannot_be_whitened(change, match):
+    """An intercept column, collinear features or too few samples have no standardization or whitening;
+    each used to fail inside numpy's eigh (LinAlgError) after dividing by zero."""
+    x = make_least_squares(50, 4, correlated=False, seed=1)[0]
+    assert least_squares_conditioning(x)["zca"].condition_number == pytest.approx(1.0, abs=1e-9)
+    with pytest.raises(ValueError, match=match):
+        least_squares_conditioning(change(x))
+
+
 def test_standardization_fixes_scaling_but_only_whitening_fixes_correlation():
     scaled = least_squares_conditioning(make_least_squares(2000, 8, correlated=False, seed=0)[0])
     assert scaled["raw"].condition_number > 50
