@@ -93,16 +93,16 @@ def ordered_layers(
     (:func:`probes.activations.layer_weight_names`; one but for layers such as ``nn.LSTM``).
 
     ``layers=None``: every parameterized layer of ``model``, in forward order when ``example`` inputs
-    are given, less those the forward pass never calls (else registration order): an auxiliary head,
-    or ``nn.MultiheadAttention``'s ``out_proj``, whose weight the attention reads without calling the
-    module, so that it has no place in the forward order (name it to include it); otherwise the named
-    modules or modules, in the order given.
+    are given, less those the forward pass never calls (else registration order): an auxiliary head;
+    never ``nn.MultiheadAttention``'s ``out_proj``, whose weight is part of the attention's
+    (name it to measure it alone); otherwise the named modules or modules, in the order given.
     ``ValueError`` when the model has none, or a requested layer is unknown or owns no weight.
     """
     check_bn(bn)
     named = dict(model.named_modules())
     if layers is None:
         found = [(n, p) for n, m in named.items() if (p := layer_weight_names(m))]
+        found = [(n, p) for n, p in found if not _inside_an_ancestors_weight(named, n, p)]
         if not found:
             raise ValueError(
                 "layers: the model has no parameterized layer (a module owning `weight_v` or a weight "
@@ -138,6 +138,21 @@ def ordered_layers(
     if len({n for n, _ in result}) != len(result):
         raise ValueError(f"layers: duplicate layers {[n for n, _ in result]}")
     return result
+
+
+def _inside_an_ancestors_weight(named: dict[str, nn.Module], name: str, kinds: tuple[str, ...]) -> bool:
+    """Whether every weight of layer ``name`` is part of an enclosing layer's weight (an
+    ``nn.MultiheadAttention``'s ``out_proj``): it is measured there, not twice."""
+    if not name:  # the root has no ancestor
+        return False
+    own = {id(named[name].get_parameter(k)) for k in kinds}
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        ancestor = ".".join(parts[:i])
+        module = named[ancestor]
+        if own <= {id(module.get_parameter(k)) for k in layer_weight_names(module)}:
+            return True
+    return False
 
 
 def _weight_names(model: nn.Module, chosen: list[tuple[str, tuple[str, ...]]]) -> list[tuple[str, ...]]:

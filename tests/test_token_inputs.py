@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from probes.activations import feature_axis
 from probes.conditioning import layer_input_conditioning
 from probes.functional import ModelState
-from probes.gradients import layer_gradient_norms
+from probes.gradients import effective_learning_rates, layer_gradient_norms
 from probes.ics import layer_input_statistics
 
 
@@ -96,6 +96,8 @@ def test_multihead_attention_is_a_layer_and_its_out_proj_is_named_not_guessed():
     )
     weights = torch.cat([attn.in_proj_weight.detach().flatten(), attn.out_proj.weight.detach().flatten()])
     assert norms.weight_norms[0] == pytest.approx(float(weights.norm()), rel=1e-12)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert effective_learning_rates(model, opt).layers == ("attn", "head")  # out_proj: inside attn's weight
     named = layer_gradient_norms(model, F.cross_entropy, (x, y), layers=["attn.out_proj", "head"])
     assert named.grad_norms[0] == pytest.approx(float(g_out.norm()), rel=1e-12)
     assert state.differences(model) == []
