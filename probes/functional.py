@@ -238,7 +238,9 @@ def norm_mode(model: nn.Module, bn: str = "batch") -> Iterator[nn.Module]:
     ``bn="batch"``: batch-dependent layers normalize with the current batch's statistics (the loss the
     optimizer sees) and update no running statistic (``training=True, track_running_stats=False``);
     ``bn="running"``: they use their running statistics (eval mode). All other modules are in eval mode
-    (dropout and injected noise off). Flags are restored on exit.
+    (dropout and injected noise off). Flags are restored on exit. A forward pass in the block on a
+    batch of one sample under ``bn="batch"`` (no batch statistics) raises a ``ValueError`` that names
+    ``batches`` and the way out, for every probe alike.
     """
     check_bn(bn)
     saved = [(m, m.training, getattr(m, "track_running_stats", _ABSENT)) for m in model.modules()]
@@ -258,10 +260,10 @@ def norm_mode(model: nn.Module, bn: str = "batch") -> Iterator[nn.Module]:
         try:
             yield model
         except ValueError as error:  # a probe's own forward pass (hooks, captures) on a batch of one
-            if bn == "batch" and "value per channel" in str(error) and not str(error).startswith("batches:"):
+            if bn == "batch" and "value per channel" in str(error):  # torch's BatchNorm on one sample
                 raise ValueError(
-                    "batches: a batch-dependent norm layer got one value per channel under bn='batch' "
-                    f"(a batch of one sample); use larger batches or bn='running' ({error})"
+                    "batches: a batch of 1 sample(s) gives a batch-dependent norm layer one value per "
+                    f"channel under bn='batch'; use larger batches or bn='running' ({error})"
                 ) from error
             raise
     finally:
@@ -475,21 +477,8 @@ def _forward(model: nn.Module, tensors: dict[str, Tensor], x: Tensor, bn: str) -
     ``tensors`` has one entry per slot (:func:`tensor_slots`), so ``tie_weights=False``: torch 2.13's
     tying expands a shared submodule's names into several swaps of one slot and then restores the
     slot to the swapped-in tensor, leaving it in the model (pytorch/pytorch#164759)."""
-    with norm_mode(model, bn):
-        return _call(lambda: functional_call(model, tensors, (x,), tie_weights=False), x, bn)
-
-
-def _call(run: Callable[[], Tensor], x: Tensor, bn: str) -> Tensor:
-    """``run()``, a forward pass on ``x``; a batch of one under ``bn="batch"`` named as such."""
-    try:
-        return run()
-    except ValueError as error:
-        if bn == "batch" and "value per channel" in str(error):
-            raise ValueError(
-                f"batches: a batch of {x.shape[0]} sample(s) gives a batch-dependent norm layer one "
-                f"value per channel under bn='batch'; use larger batches or bn='running' ({error})"
-            ) from error
-        raise
+    with norm_mode(model, bn):  # which names a batch of one under bn="batch"
+        return functional_call(model, tensors, (x,), tie_weights=False)
 
 
 class _Closure(nn.Module):
@@ -582,7 +571,7 @@ class FunctionalLoss:
         if self._bound is not None:  # inside bound(θ): the model holds θ already
             if theta is not self._bound:
                 raise ValueError("theta: inside bound(θ), evaluate the loss at that same θ")
-            out = _call(lambda: self.model(x), x, self.bn)
+            out = self.model(x)  # bound() holds the norm mode
         else:
             out = _forward(self.model, self._tensors(theta), x, self.bn)
         return check_loss(self.loss_fn(out, y))

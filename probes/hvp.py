@@ -197,7 +197,7 @@ class HessianOperator:
             else:
                 grad_b = torch.func.grad(lambda t, b=b: self._f.batch_loss(t, b))
                 for j in range(cols.shape[1]):
-                    with twice_differentiable(), _naming_checkpointing():
+                    with twice_differentiable(), _naming_torch_func_limits():
                         _, hv = torch.func.jvp(grad_b, (self._f.theta0,), (cols[:, j],))
                     out = _accumulate(out, cols, j, w, hv.detach())
         return out
@@ -225,7 +225,7 @@ class HessianOperator:
 
 
 @contextmanager
-def _naming_checkpointing() -> Iterator[None]:
+def _naming_torch_func_limits() -> Iterator[None]:
     """torch.func's errors for what it cannot transform, as a ``ValueError`` that says what to do
     instead: activation checkpointing (reverse-over-reverse recomputes the segments at θ:
     :meth:`FunctionalLoss.bound`), and an ``autograd.Function`` without ``setup_context`` (a module's
