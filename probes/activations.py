@@ -71,9 +71,15 @@ def layer_weight_names(module: nn.Module) -> tuple[str, ...]:
         for name, p in own.items()
         if p.dim() >= 2 and (name.startswith("weight") or name.endswith("weight"))
     )
-    if isinstance(module, nn.MultiheadAttention):
-        matrices += tuple(f"out_proj.{name}" for name in layer_weight_names(module.out_proj))
+    for child, inner in _read_not_called(module):
+        matrices += tuple(f"{child}.{name}" for name in layer_weight_names(inner))
     return matrices
+
+
+def _read_not_called(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, submodule)`` for the submodules whose parameters ``module`` reads in its own forward
+    without calling them: part of its layer (``nn.MultiheadAttention``'s ``out_proj``)."""
+    return [("out_proj", module.out_proj)] if isinstance(module, nn.MultiheadAttention) else []
 
 
 def layer_weight_name(module: nn.Module) -> str | None:
@@ -99,8 +105,8 @@ def layer_parameters(module: nn.Module) -> list[nn.Parameter]:
     own = list(module.parameters(recurse=False))
     if parametrize.is_parametrized(module):
         own += list(module.parametrizations.parameters())
-    if isinstance(module, nn.MultiheadAttention):
-        own += layer_parameters(module.out_proj)
+    for _, inner in _read_not_called(module):
+        own += layer_parameters(inner)
     return own
 
 
