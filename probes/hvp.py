@@ -228,8 +228,9 @@ class HessianOperator:
 def _naming_torch_func_limits() -> Iterator[None]:
     """torch.func's errors for what it cannot transform, as a ``ValueError`` that says what to do
     instead: activation checkpointing (reverse-over-reverse recomputes the segments at θ:
-    :meth:`FunctionalLoss.bound`), and an ``autograd.Function`` without ``setup_context`` (a module's
-    full backward hook, ``register_full_backward_hook``, is one; double backward runs it as autograd does)."""
+    :meth:`FunctionalLoss.bound`), an ``autograd.Function`` without ``setup_context`` (a module's
+    full backward hook, ``register_full_backward_hook``, is one; double backward runs it as autograd
+    does), and a buffer changed in place by the forward pass (double backward changes a private copy)."""
     try:
         yield
     except RuntimeError as error:
@@ -239,6 +240,11 @@ def _naming_torch_func_limits() -> Iterator[None]:
             what = (
                 "an autograd.Function without setup_context in the model (a module's full backward hook, "
                 "register_full_backward_hook, is one)"
+            )
+        elif "mutate a captured Tensor" in str(error):
+            what = (
+                "a forward pass that changes a buffer in place (a call counter, or the running statistics "
+                "of a norm layer without torch's track_running_stats)"
             )
         else:
             raise

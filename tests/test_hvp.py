@@ -437,3 +437,33 @@ def test_a_users_full_backward_hook_leaves_the_hessian_and_forward_over_reverse_
         hessian_operator(net, F.cross_entropy, (x, y), method="forward_over_reverse").matvec(H[:, 0])
     assert net.blocks[0].layer._backward_hooks  # still the user's
     handle.remove()
+
+
+class Counting(nn.Module):
+    """A net that counts its calls in a buffer, in place (as some research code logs)."""
+
+    def __init__(self, count: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.count = count
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.layer, self.head = nn.Linear(3, 4).double(), nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        if self.count:
+            self.calls += 1
+        return self.head(torch.tanh(self.layer(x)))
+
+
+def test_a_buffer_changed_in_place_by_the_forward_pass_is_left_as_found():
+    """Double backward changes a private copy of the buffer and gives the Hessian of the same net that
+    does not count; torch.func refuses the in-place change, and says which method can."""
+    net, twin = Counting(), Counting(count=False)
+    x, y = make_batch("mlp", 8, seed=3)
+    state = ModelState.capture(net)
+    op = hessian_operator(net, F.cross_entropy, (x, y), method="double_backward")
+    H = torch.stack([op.matvec(e) for e in torch.eye(op.shape[0], dtype=torch.float64)], 1)
+    torch.testing.assert_close(H, explicit_hessian(twin, F.cross_entropy, (x, y)), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=r"forward_over_reverse.*changes a buffer in place.*double_backward"):
+        hessian_operator(net, F.cross_entropy, (x, y), method="forward_over_reverse").matvec(H[:, 0])
+    assert state.differences(net) == [] and int(net.calls) == 0
