@@ -243,15 +243,18 @@ def _probe_calls() -> dict:
     }
 
 
-@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "inference_tensors"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "inference_tensors", "autocast"])
 @pytest.mark.parametrize("probe", list(_probe_calls()))
 def test_probes_work_in_the_callers_no_grad_and_inference_mode(probe, mode):
     """A probe called in an evaluation loop (``torch.no_grad()``, ``torch.inference_mode()``, or on
-    batches made there) gives what it gives outside, and leaves the model as found."""
+    batches made there) or in a mixed-precision step (``torch.autocast``, bfloat16 on CPU) gives what
+    it gives outside, in the model's dtype, and leaves the model as found."""
     call = _probe_calls()[probe]
     net = tiny_net("mlp", "bn")
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     batch = make_batch("mlp", 8, seed=3)
+    if mode == "autocast":  # CPU autocast lowers float32 ops (float64 ones it leaves alone)
+        net, batch = net.float(), (batch[0].float(), batch[1])
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     expected = call(net, batch, opt)
     state = ModelState.capture(net)
     if mode == "inference_tensors":
@@ -259,6 +262,9 @@ def test_probes_work_in_the_callers_no_grad_and_inference_mode(probe, mode):
             made = (batch[0].clone(), batch[1].clone())
         assert made[0].is_inference()
         got = call(net, made, opt)
+    elif mode == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = call(net, batch, opt)
     else:
         with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
             got = call(net, batch, opt)
