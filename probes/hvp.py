@@ -23,7 +23,13 @@ import torch
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
-from probes.functional import FunctionalLoss, outside_inference_mode, probe_guard, twice_differentiable
+from probes.functional import (
+    FunctionalLoss,
+    outside_callers_modes,
+    outside_inference_mode,
+    probe_guard,
+    twice_differentiable,
+)
 
 __all__ = ["AUTO_METHODS", "METHODS", "HessianOperator", "auto_method", "hessian_operator"]
 
@@ -92,7 +98,8 @@ class HessianOperator:
             )
         cols = v.to(device=self.device, dtype=self.dtype).reshape(self.shape[0], -1)  # (n, k)
         if self._graphs_ready():  # pure autograd on cached graphs of copies: the model is not touched
-            out = self._hvp_columns(cols)
+            with outside_callers_modes():  # a caller's autocast would lower the backward's ops
+                out = self._hvp_columns(cols)
         else:
             with probe_guard(self._f.model):
                 out = self._hvp_columns(cols)
