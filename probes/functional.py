@@ -536,6 +536,7 @@ class FunctionalLoss:
         self.names = [n for n, _ in chosen]
         self.shapes = [tuple(p.shape) for _, p in chosen]
         self.numels = [p.numel() for _, p in chosen]
+        self.dtypes = [p.dtype for _, p in chosen]  # θ has their promoted dtype (float32 and float64: 64)
         chosen_names = set(self.names)
         self.frozen = {
             n: t.detach().clone()
@@ -567,11 +568,16 @@ class FunctionalLoss:
         return cls(model, loss_fn, as_batches(batches), resolve_params(model, params), bn)
 
     def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
-        """Flat θ ``(n,)`` → ``{name: tensor of the parameter's shape}`` (views, differentiable)."""
+        """Flat θ ``(n,)`` → ``{name: tensor of the parameter's shape and dtype}`` (views, differentiable;
+        a parameter of another dtype than θ's, in a model that mixes float32 and float64 layers, is a
+        differentiable cast of its view)."""
         if theta.shape != self.theta0.shape:
             raise ValueError(f"theta must have shape {tuple(self.theta0.shape)}, got {tuple(theta.shape)}")
         parts = torch.split(theta, self.numels)
-        return {n: t.view(shape) for n, t, shape in zip(self.names, parts, self.shapes, strict=True)}
+        return {
+            n: t.view(shape) if t.dtype == dtype else t.view(shape).to(dtype)
+            for n, t, shape, dtype in zip(self.names, parts, self.shapes, self.dtypes, strict=True)
+        }
 
     def _as_dict(self, theta: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
         if isinstance(theta, dict):

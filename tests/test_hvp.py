@@ -483,3 +483,39 @@ def test_the_operators_products_are_in_the_models_dtype_under_a_callers_autocast
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = op.matvec(v)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+class Mixed(nn.Module):
+    """A float64 layer, then a float32 one (``cast``) or, as its twin, a float64 one (``cast=False``)."""
+
+    def __init__(self, cast: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.cast = cast
+        self.a, self.b = nn.Linear(3, 4).double(), nn.Linear(4, 3)
+        if not cast:
+            self.b.double()
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x.double()))
+        return self.b(h.float() if self.cast else h).double()
+
+
+def test_a_model_mixing_float32_and_float64_parameters():
+    """θ takes the promoted dtype and each parameter is cast back to its own: the Hessian is that of
+    the float64 twin up to float32 rounding (it raised 'mat1 and mat2 must have the same dtype')."""
+    mixed, twin = Mixed(), Mixed(cast=False)
+    x, y = make_batch("mlp", 8, seed=3)
+    state = ModelState.capture(mixed)
+    op = hessian_operator(mixed, F.cross_entropy, (x, y))
+    assert op.dtype == torch.float64
+    H = torch.stack([op.matvec(e) for e in torch.eye(op.shape[0], dtype=torch.float64)], 1)
+    expected = explicit_hessian(twin, F.cross_entropy, (x, y))
+    torch.testing.assert_close(H, expected, rtol=0, atol=1e-6 * float(expected.abs().max()))
+    assert op.unflatten(op.gradient())["b.weight"].dtype == torch.float32
+    from probes.gradients import layer_gradient_norms
+
+    plain = torch.autograd.grad(F.cross_entropy(mixed(x), y), [mixed.a.weight, mixed.b.weight])
+    norms = layer_gradient_norms(mixed, F.cross_entropy, (x, y)).grad_norms
+    np.testing.assert_allclose(norms, [float(g.norm()) for g in plain], rtol=1e-6)
+    assert state.differences(mixed) == []
