@@ -326,10 +326,11 @@ def hessian_operator(
             f"dtype: the model computes in {theta0.dtype}, not {dtype}; convert the model first "
             f"(e.g. model.double()) — probes compute in the model's dtype"
         )
-    if theta0.dtype not in (torch.float32, torch.float64):
+    low = sorted({str(d) for d in f.dtypes if d not in (torch.float32, torch.float64)})
+    if low:
         raise ValueError(
             f"params: Hessian probes compute in float32 or float64, and these parameters are "
-            f"{theta0.dtype}, whose second derivatives round away (and whose QR the eigensolvers lack "
+            f"{', '.join(low)}, whose second derivatives round away (and whose QR the eigensolvers lack "
             f"on CPU); probe a float32 copy: copy.deepcopy(model).float(), with float32 inputs"
         )
     if method == "auto":

@@ -144,6 +144,11 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match=r"float32 copy: copy.deepcopy\(model\).float\(\)"):
         hessian_trace(half, case.loss_fn, batches, n_probes=4)
     assert state.differences(half) == []
+    linear = torch.nn.Linear
+    partly = torch.nn.Sequential(linear(3, 4), linear(4, 2).to(torch.bfloat16))  # θ float32, a bf16 layer
+    with pytest.raises(ValueError, match=r"params: Hessian probes compute in float32 or float64.*bfloat16"):
+        batch = (torch.randn(4, 3), torch.zeros(4))
+        hessian_eigenvalues(partly, lambda out, t: out.float().pow(2).mean(), batch)
 
 
 @pytest.mark.parametrize(
