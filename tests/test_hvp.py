@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from probes.functional import ModelState, functional_loss, norm_mode, preserved
+from probes.gradients import layer_gradient_norms
 from probes.hvp import HessianOperator, auto_method, hessian_operator
 from tests.cases import CASES, explicit_hessian, make_batch, set_running_stats, tiny_net
 
@@ -513,8 +514,6 @@ def test_a_model_mixing_float32_and_float64_parameters():
     expected = explicit_hessian(twin, F.cross_entropy, (x, y))
     torch.testing.assert_close(H, expected, rtol=0, atol=1e-6 * float(expected.abs().max()))
     assert op.unflatten(op.gradient())["b.weight"].dtype == torch.float32
-    from probes.gradients import layer_gradient_norms
-
     plain = torch.autograd.grad(F.cross_entropy(mixed(x), y), [mixed.a.weight, mixed.b.weight])
     norms = layer_gradient_norms(mixed, F.cross_entropy, (x, y)).grad_norms
     np.testing.assert_allclose(norms, [float(g.norm()) for g in plain], rtol=1e-6)
