@@ -775,8 +775,13 @@ def make_least_squares(
     return x, y, w_true
 
 
-def _check_whitenable(x: np.ndarray) -> None:
-    """``ValueError`` unless every feature of ``x`` varies and the centered features have full rank."""
+def _standardize(x: np.ndarray) -> np.ndarray:
+    return (x - x.mean(0)) / x.std(0)
+
+
+def _whitened(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(PCA, ZCA)`` whitening of ``x`` from one eigendecomposition of its covariance; ``ValueError``
+    unless every feature varies and the centered features have full rank."""
     n, d = x.shape
     if n < 2:
         raise ValueError(f"X: standardizing and whitening need at least 2 samples, got {n}")
@@ -789,24 +794,15 @@ def _check_whitenable(x: np.ndarray) -> None:
             "them (an intercept column is not needed: centering removes it)"
         )
     xc = x - x.mean(0)
-    lam = np.linalg.eigvalsh(xc.T @ xc / n)
-    if lam[0] <= d * np.finfo(np.float64).eps * lam[-1]:
-        rank = int(np.sum(lam > d * np.finfo(np.float64).eps * lam[-1]))
+    lam, u = np.linalg.eigh(xc.T @ xc / n)
+    floor = d * np.finfo(np.float64).eps * lam[-1]
+    if lam[0] <= floor:
         raise ValueError(
-            f"X: the centered features have rank {rank} < d = {d} (collinear features, or fewer samples "
-            "than features), so whitening is undefined; drop the redundant features"
+            f"X: the centered features have rank {int(np.sum(lam > floor))} < d = {d} (collinear features, "
+            "or fewer samples than features), so whitening is undefined; drop the redundant features"
         )
-
-
-def _standardize(x: np.ndarray) -> np.ndarray:
-    return (x - x.mean(0)) / x.std(0)
-
-
-def _whiten(x: np.ndarray, kind: str) -> np.ndarray:
-    xc = x - x.mean(0)
-    lam, u = np.linalg.eigh(xc.T @ xc / x.shape[0])
     pca = xc @ u / np.sqrt(lam)
-    return pca if kind == "pca" else pca @ u.T
+    return pca, pca @ u.T
 
 
 def least_squares_conditioning(X: Tensor | np.ndarray) -> dict[str, CovarianceStats]:
@@ -821,13 +817,8 @@ def least_squares_conditioning(X: Tensor | np.ndarray) -> dict[str, CovarianceSt
     features of rank < d.
     """
     x = _as_matrix(X).cpu().numpy()
-    _check_whitenable(x)
-    variants = {
-        "raw": x,
-        "standardized": _standardize(x),
-        "pca": _whiten(x, "pca"),
-        "zca": _whiten(x, "zca"),
-    }
+    pca, zca = _whitened(x)  # its checks first
+    variants = {"raw": x, "standardized": _standardize(x), "pca": pca, "zca": zca}
     return {
         name: covariance_spectrum(v, center=False, layer=name, probe="least_squares_conditioning")
         for name, v in variants.items()
