@@ -11,7 +11,6 @@ exactly as before. :class:`ModelState` snapshots all of them; :func:`preserved` 
 from __future__ import annotations
 
 import copy
-import functools
 import random
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -40,7 +39,6 @@ __all__ = [
     "norm_mode",
     "optimizer_param_names",
     "outside_callers_modes",
-    "outside_inference_mode",
     "preserved",
     "probe_guard",
     "resolve_params",
@@ -320,6 +318,8 @@ def outside_callers_modes() -> Iterator[None]:
     * ``torch.autocast`` (CPU, and CUDA where present): a probe called inside a mixed-precision training
       step computes in the model's dtype, as documented, not in bfloat16 or float16 (under a caller's
       CPU autocast a Hessian's top eigenvalue moved 0.2%, a landscape loss 2%, on a small BN MLP).
+
+    Also a decorator: ``@outside_callers_modes()`` runs each call of the function in it.
     """
     with ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
@@ -327,17 +327,6 @@ def outside_callers_modes() -> Iterator[None]:
         if torch.cuda.is_available():
             stack.enter_context(torch.autocast("cuda", enabled=False))
         yield
-
-
-def outside_inference_mode(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` run :func:`outside_callers_modes` (inference mode and autocast off)."""
-
-    @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        with outside_callers_modes():
-            return fn(*args, **kwargs)
-
-    return run
 
 
 @contextmanager

@@ -26,7 +26,6 @@ from torch import Tensor, nn
 from probes.functional import (
     FunctionalLoss,
     outside_callers_modes,
-    outside_inference_mode,
     probe_guard,
     twice_differentiable,
 )
@@ -275,7 +274,7 @@ def _accumulate(out: Tensor | None, cols: Tensor, j: int, w: float, hv: Tensor) 
     return out
 
 
-@outside_inference_mode
+@outside_callers_modes()
 def hessian_operator(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],

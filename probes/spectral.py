@@ -34,7 +34,7 @@ import scipy.sparse.linalg as sla
 import torch
 from torch import Tensor
 
-from probes.functional import outside_inference_mode
+from probes.functional import outside_callers_modes
 
 __all__ = [
     "EIGEN_METHODS",
@@ -371,7 +371,7 @@ def _orthonormalize_block(
 # --------------------------------------------------------------------------------------------------
 
 
-@outside_inference_mode
+@outside_callers_modes()
 def eigenvalues(
     op: LinearOperatorLike,
     *,
@@ -731,7 +731,7 @@ def _power_core(
 # --------------------------------------------------------------------------------------------------
 
 
-@outside_inference_mode
+@outside_callers_modes()
 def trace(
     op: LinearOperatorLike,
     *,
@@ -823,7 +823,7 @@ def _lanczos_tridiagonal(
     return np.asarray(alpha), np.asarray(beta)
 
 
-@outside_inference_mode
+@outside_callers_modes()
 def density(
     op: LinearOperatorLike,
     *,
