@@ -9,7 +9,15 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-__all__ = ["DEFAULT_CONFIDENCE", "DEFAULT_RESAMPLES", "Estimate", "bootstrap_ci", "summarize"]
+__all__ = [
+    "DEFAULT_CONFIDENCE",
+    "DEFAULT_RESAMPLES",
+    "Coverage",
+    "Estimate",
+    "bootstrap_ci",
+    "bootstrap_coverage",
+    "summarize",
+]
 
 #: The confidence level and bootstrap resamples of every interval whybn reports (the paper quotes them).
 DEFAULT_CONFIDENCE = 0.95
@@ -40,7 +48,9 @@ def bootstrap_ci(
     """``statistic(values)`` with a BCa bootstrap CI (``scipy.stats.bootstrap``), over finite values.
 
     With one value the interval is the point itself; with identical values it is degenerate. The
-    percentile method is used where BCa is undefined (too few distinct values).
+    percentile method is used where BCa is undefined (too few distinct values). With few values the
+    interval is narrower than its nominal level: :func:`bootstrap_coverage` measures by how much (a
+    nominal 95% interval of the mean of 3 normal values contains the true mean about three times in four).
     """
     x = np.asarray(values, dtype=float)
     x = x[np.isfinite(x)]
@@ -67,6 +77,48 @@ def bootstrap_ci(
             res = stats.bootstrap((x,), stat, method="percentile", vectorized=True, **kwargs)
             low, high = res.confidence_interval
     return Estimate(point, float(low), float(high), int(x.size))
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How often :func:`bootstrap_ci`'s interval of the mean of ``n`` normal values contains the true mean."""
+
+    n: int
+    coverage: float
+    se: float  # Monte Carlo standard error of ``coverage``
+    trials: int
+
+
+def bootstrap_coverage(
+    n: int,
+    *,
+    trials: int = 2000,
+    confidence: float = DEFAULT_CONFIDENCE,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> Coverage:
+    """The actual coverage of :func:`bootstrap_ci` (mean, ``confidence``) on ``n`` values, by simulation.
+
+    Each of ``trials`` draws ``n`` values from N(0, 1) and checks ``ci_low ≤ 0 ≤ ci_high``. A bootstrap
+    interval is only asymptotically at its nominal level: with the few seeds a study can afford it is
+    narrower. For n = 3 the percentile interval is about the range of the sample (each extreme is
+    resampled three times with probability 1/27 > 2.5%), which contains the mean of a symmetric
+    distribution with probability 1 − 2·2⁻³ = 0.75 (BCa: 0.73); for n = 2 it is the two values, and the
+    coverage is exactly 1/2. The paper quotes these figures next to its claims.
+    """
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    if isinstance(trials, bool) or not isinstance(trials, int | np.integer) or trials < 1:
+        raise ValueError(f"trials must be an integer >= 1, got {trials!r}")
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for t in range(trials):
+        est = bootstrap_ci(
+            rng.standard_normal(n), confidence=confidence, n_resamples=n_resamples, seed=seed + t
+        )
+        hits += bool(est.ci_low <= 0.0 <= est.ci_high)
+    p = hits / trials
+    return Coverage(int(n), p, float(np.sqrt(p * (1 - p) / trials)), int(trials))
 
 
 def summarize(

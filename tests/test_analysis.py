@@ -9,7 +9,7 @@ import pytest
 
 from analysis.claims import test_claim
 from analysis.load import load_runs
-from analysis.stats import bootstrap_ci, summarize
+from analysis.stats import bootstrap_ci, bootstrap_coverage, summarize
 from analysis.style import NORM_ORDER, norm_palette, ordered_norms
 from studies.lab.store import DONE, RECORDS, RunStore
 
@@ -64,6 +64,27 @@ def test_bootstrap_ci_values():
     half = 1.96 * x.std(ddof=1) / np.sqrt(x.size)
     assert est.ci_low == pytest.approx(x.mean() - half, abs=0.05)
     assert est.ci_high == pytest.approx(x.mean() + half, abs=0.05)
+
+
+def test_bootstrap_coverage_against_closed_forms():
+    # n = 2: the interval is the two values themselves (each is resampled twice with probability
+    # 1/4 > 2.5%), so it contains the mean of a symmetric distribution with probability 1 − 2·(1/2)² = 1/2
+    two = bootstrap_coverage(2, trials=1500, n_resamples=999)
+    assert two.n == 2 and two.trials == 1500
+    assert two.se == pytest.approx(np.sqrt(two.coverage * (1 - two.coverage) / 1500))
+    assert abs(two.coverage - 0.5) < 4 * two.se
+    # n = 3: about the range, 1 − 2·(1/2)³ = 3/4 for the percentile interval; far below the nominal 95%
+    three = bootstrap_coverage(3, trials=1500, n_resamples=999)
+    assert abs(three.coverage - 0.75) < 0.05
+    # one value: a point interval never holds a continuous mean; many values: close to nominal
+    assert bootstrap_coverage(1, trials=50).coverage == 0.0
+    assert 0.9 < bootstrap_coverage(40, trials=600, n_resamples=999).coverage < 0.98
+    assert bootstrap_coverage(3, trials=40, seed=5) == bootstrap_coverage(3, trials=40, seed=5)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="n must be an integer >= 1"):
+            bootstrap_coverage(bad)
+    with pytest.raises(ValueError, match="trials must be an integer >= 1"):
+        bootstrap_coverage(3, trials=0)
 
 
 def test_summarize_groups():

@@ -144,6 +144,9 @@ def test_generated_tex(results):
     assert r"\WBset{all/claims}{2}" in macros and r"\WBset{all/holds}{1}" in macros
     assert r"\WBset{toy_paper/config/lr}{0.5}" in macros
     assert r"\WBset{toy_paper/runs}{5}" in macros
+    # the paper quotes the simulated coverage of its bootstrap intervals at the claims' seed count (2)
+    coverage = macros.split(r"\WBset{stats/coverage}{")[1].split("}\n")[0]
+    assert coverage.endswith(r"\% for $n = 2$") and abs(float(coverage.split("\\")[0]) - 50) <= 4
     value = macros.split(r"\WBset{toy_paper/claim1/value}{")[1].split("}\n")[0]
     got = parse_number(value)
     want = [claims[0]["estimate"], claims[0]["ci_low"], claims[0]["ci_high"]]
