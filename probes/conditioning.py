@@ -415,6 +415,7 @@ def whitening_transform(
     sigma = xg @ xg.mT / m + eps * eye  # (G, g, g)
     if method in ("zca", "pca"):
         lam, u = torch.linalg.eigh(sigma)
+        lam = lam.clamp_min(eps)  # Σ ⪰ εI: a smaller eigenvalue is float32 rounding (1/√λ would explode)
         if method == "zca":
             w = u @ (lam.rsqrt()[..., :, None] * u.mT)
         else:

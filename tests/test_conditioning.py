@@ -270,6 +270,21 @@ def test_transforms_match_the_norm_layers():
     np.testing.assert_allclose(y.T @ y / 40, torch.eye(8, dtype=torch.float64), atol=1e-10)
 
 
+@pytest.mark.parametrize("method", ["zca", "pca"])
+def test_transform_in_float32_on_a_nearly_rank_deficient_batch(method):
+    # 8 channels from one input channel: Σ + εI has eigenvalues near ε, and float32 eigh returns one
+    # below zero; the transform must stay within rounding of the float64 one (it was nan / 1e13)
+    torch.manual_seed(0)
+    x = nn.Conv1d(1, 8, 3, padding=1)(30 * torch.randn(16, 1, 40)).detach()
+    x = x.movedim(1, -1).reshape(-1, 8)  # (N·L, C)
+    xg = (x - x.mean(0)).T.reshape(1, 8, -1)  # Σ as the transform computes it
+    assert torch.linalg.eigh(xg @ xg.mT / x.shape[0] + 1e-5 * torch.eye(8))[0].min() < 0
+    exact = whitening_transform(x.double(), method=method)
+    y = whitening_transform(x, method=method)
+    assert y.dtype == torch.float32 and torch.isfinite(y).all()
+    np.testing.assert_allclose(y.double(), exact, atol=0.02 * exact.abs().max().item())
+
+
 def test_snd_zero_for_full_batch():
     x = gaussian(64, 8, 6)
     for method in ("bn", "zca", "pca", "iternorm", "cholesky"):

@@ -29,10 +29,11 @@ def _cov(y: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------ torch.nn references
 
 
+@pytest.mark.parametrize("momentum", [0.3, None])  # None: the cumulative moving average
 @pytest.mark.parametrize("shape", [(8, 5), (6, 5, 7), (4, 5, 3, 3)])
-def test_bn_matches_torch_batchnorm(shape):
-    ours = make_norm("bn", 5, momentum=0.3).double()
-    ref = (nn.BatchNorm1d if len(shape) < 4 else nn.BatchNorm2d)(5, momentum=0.3).double()
+def test_bn_matches_torch_batchnorm(shape, momentum):
+    ours = make_norm("bn", 5, momentum=momentum).double()
+    ref = (nn.BatchNorm1d if len(shape) < 4 else nn.BatchNorm2d)(5, momentum=momentum).double()
     with torch.no_grad():
         ours.weight.copy_(torch.linspace(0.5, 2, 5))
         ref.weight.copy_(torch.linspace(0.5, 2, 5))
@@ -112,6 +113,22 @@ def test_iternorm_converges_with_iterations():
 
 
 @pytest.mark.parametrize("name", ["dbn", "iternorm"])
+def test_whitening_cumulative_average_with_momentum_none(name):
+    m = make_norm(name, 6, group_size=3, momentum=None, affine=False).double()
+    means, whitenings = [], []
+    for step in range(3):
+        x = _randn(10, 6, seed=30 + step)
+        m(x)
+        means.append(x.mean(0))
+        own = make_norm(name, 6, group_size=3, momentum=1.0, affine=False).double()
+        own(x)  # momentum 1: its running matrix is this batch's whitening matrix
+        whitenings.append(own.running_whitening)
+    torch.testing.assert_close(m.running_mean, torch.stack(means).mean(0))
+    torch.testing.assert_close(m.running_whitening, torch.stack(whitenings).mean(0))
+    assert m.num_batches_tracked.item() == 3
+
+
+@pytest.mark.parametrize("name", ["dbn", "iternorm"])
 def test_whitening_eval_uses_running_statistics(name):
     m = make_norm(name, 6, group_size=3, momentum=0.5).double()
     xs = [_randn(50, 6, seed=s) + s for s in range(3)]
@@ -170,6 +187,49 @@ def test_inv_sqrt_third_order_raises_instead_of_being_silently_wrong():
     (h,) = torch.autograd.grad(g.sum(), s, create_graph=True)
     with pytest.raises(RuntimeError, match="third derivatives"):
         torch.autograd.grad(h.sum(), s)
+
+
+def test_inv_sqrt_third_order_raises_when_only_sigma_carries_the_graph():
+    # d/dΣ ⟨H(Σ)v, v⟩ of f(Σ) = ⟨C, Σ^{-1/2}⟩ + ¼ΣΣ⁴: the upstream gradient C and the direction v carry no
+    # graph, only Σ does (through the quartic term); the Σ^{-1/2} part used to count as zero, silently
+    a = _randn(3, 3, seed=18)
+    s = (a @ a.T + torch.eye(3, dtype=D)).requires_grad_()
+    c, v = _randn(3, 3, seed=19), _randn(3, 3, seed=20)
+    (g,) = torch.autograd.grad((c * inv_sqrt_psd(s)).sum() + 0.25 * s.pow(4).sum(), s, create_graph=True)
+    (h,) = torch.autograd.grad((g * v).sum(), s, create_graph=True)
+    with pytest.raises(RuntimeError, match="third derivatives"):
+        torch.autograd.grad((h * v).sum(), s)
+
+
+def test_inv_sqrt_floor_puts_rounded_eigenvalues_back_on_their_bound():
+    u, _ = torch.linalg.qr(_randn(3, 3, seed=21))
+    s = u @ torch.diag(torch.tensor([-1e-6, 1.0, 4.0], dtype=D)) @ u.T  # λ < floor, as float32 rounding gives
+    want = u @ torch.diag(torch.tensor([1e-2, 1.0, 4.0], dtype=D).rsqrt()) @ u.T
+    torch.testing.assert_close(inv_sqrt_psd(s, floor=1e-2), want)
+    assert inv_sqrt_psd(s).abs().max() > 1e100  # without a floor: 1/√tiny
+    (g,) = torch.autograd.grad(inv_sqrt_psd(s.requires_grad_(), floor=1e-2).sin().sum(), s)
+    assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("whitening", ["zca", "pca"])
+def test_dbn_in_float32_on_a_nearly_rank_deficient_group(whitening):
+    # a first conv from 1 to 8 channels: Σ + εI has eigenvalues near ε, and float32 eigh returns one
+    # below ε, even negative; 1/√λ made the output 1e13 (zca) or nan (pca) where the exact layer gives 2.8
+    torch.manual_seed(0)
+    conv = nn.Conv1d(1, 8, 3, padding=1)
+    x = conv(10 * torch.randn(16, 1, 40)).detach()
+    xg = x.transpose(0, 1).reshape(8, -1)
+    xg = (xg - xg.mean(1)[:, None]).reshape(1, 8, -1)  # Σ as the layer computes it
+    sigma = xg @ xg.mT / xg.shape[-1] + 1e-5 * torch.eye(8)
+    assert torch.linalg.eigh(sigma)[0].min() < 0  # the case: rounding has crossed zero
+    exact = make_norm("dbn", 8, whitening=whitening).double()(x.double())
+    layer = make_norm("dbn", 8, whitening=whitening)
+    xx = x.clone().requires_grad_()
+    y = layer(xx)
+    y.square().sum().backward()
+    torch.testing.assert_close(y.double(), exact, rtol=0, atol=0.02 * exact.abs().max().item())
+    assert torch.isfinite(xx.grad).all()
+    assert layer.running_whitening.abs().max() <= 1e-5**-0.5  # Σ^{-1/2} ⪯ ε^{-1/2}
 
 
 def test_inv_sqrt_under_torch_func():

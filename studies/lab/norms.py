@@ -101,15 +101,15 @@ class BatchStatNorm(_Affine):
         num_features: int,
         *,
         eps: float = 1e-5,
-        momentum: float = 0.1,
+        momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
     ) -> None:
         super().__init__(num_features, affine=affine)
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1] or None (a cumulative average), got {momentum}")
         self.eps = eps
         self.momentum = momentum
         self.track_running_stats = track_running_stats
@@ -124,9 +124,14 @@ class BatchStatNorm(_Affine):
         return self.training and self.track_running_stats
 
     def _update(self, running: Tensor, batch_value: Tensor) -> None:
-        """running ← (1 − momentum)·running + momentum·batch_value, in place and outside autograd."""
+        """running ← (1 − momentum)·running + momentum·batch_value, in place and outside autograd.
+
+        ``momentum=None`` is torch's cumulative moving average: the factor is 1/t at the t-th batch
+        (``num_batches_tracked`` is counted after the updates, so t = num_batches_tracked + 1).
+        """
+        factor = self.momentum if self.momentum is not None else 1.0 / (int(self.num_batches_tracked) + 1)
         with torch.no_grad():
-            running.lerp_(batch_value.detach().to(running.dtype), self.momentum)
+            running.lerp_(batch_value.detach().to(running.dtype), factor)
 
     def _count_batch(self) -> None:
         with torch.no_grad():
@@ -269,9 +274,9 @@ def _dk_second(u: Tensor, f2: Tensor, g: Tensor, e: Tensor) -> Tensor:
     return u @ (m + m.mT) @ u.mT  # the second term is the transpose of the first (F2, G̃, Ẽ symmetric)
 
 
-def _eigh_positive(s: Tensor) -> tuple[Tensor, Tensor]:
+def _eigh_positive(s: Tensor, floor: float | None) -> tuple[Tensor, Tensor]:
     lam, u = torch.linalg.eigh(_sym(s))
-    return lam.clamp_min(torch.finfo(lam.dtype).tiny), u
+    return lam.clamp_min(torch.finfo(lam.dtype).tiny if floor is None else floor), u
 
 
 class _NoThirdOrder(torch.autograd.Function):
@@ -295,6 +300,30 @@ class _NoThirdOrder(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, *_tangents):
         raise RuntimeError("third derivatives of inv_sqrt_psd (dbn, ZCA) are not implemented")
+
+
+class _Tied(torch.autograd.Function):
+    """G itself, made to depend on Σ (with a zero derivative): the backward Df(Σ)[G] built with
+    ``create_graph`` then always reaches :class:`_NoThirdOrder`'s guard, which checks G and H, even when
+    only Σ carries a graph."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(g: Tensor, s: Tensor) -> Tensor:
+        return g.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        return grad, torch.zeros_like(grad)
+
+    @staticmethod
+    def jvp(ctx, dg: Tensor | None, _ds: Tensor | None) -> Tensor | None:
+        return dg
 
 
 class _InvSqrtBackward(torch.autograd.Function):
@@ -339,31 +368,38 @@ class _InvSqrt(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        lam, u = _eigh_positive(s)
+    def forward(s: Tensor, floor: float | None) -> tuple[Tensor, Tensor, Tensor]:
+        lam, u = _eigh_positive(s, floor)
         return (u * lam.rsqrt()[..., None, :]) @ u.mT, lam, u
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        (s,) = inputs
+        s, _ = inputs
         _, lam, u = output
         ctx.mark_non_differentiable(lam, u)
         ctx.save_for_backward(s, lam, u)
         ctx.save_for_forward(s, lam, u)
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor, _grad_lam, _grad_u) -> Tensor:
+    def backward(ctx, grad_y: Tensor, _grad_lam, _grad_u) -> tuple[Tensor, None]:
         s, lam, u = ctx.saved_tensors
-        return _InvSqrtBackward.apply(s, grad_y, lam, u)
+        if torch.is_grad_enabled() and s.requires_grad:  # a graph for higher derivatives
+            grad_y = _Tied.apply(grad_y, s)
+        return _InvSqrtBackward.apply(s, grad_y, lam, u), None
 
     @staticmethod
-    def jvp(ctx, ds: Tensor):
+    def jvp(ctx, ds: Tensor, _dfloor):
         s, lam, u = ctx.saved_tensors
         return _InvSqrtBackward.apply(s, ds, lam, u), None, None
 
 
-def inv_sqrt_psd(sigma: Tensor) -> Tensor:
+def inv_sqrt_psd(sigma: Tensor, *, floor: float | None = None) -> Tensor:
     """Σ^{-1/2} of a (batch of) symmetric positive definite matrices, ``(..., n, n)``.
+
+    Eigenvalues below ``floor`` (default: the dtype's smallest normal number) are raised to it. A
+    covariance plus εI has none below ε, but in float32 ``eigh`` of a nearly rank-deficient one returns
+    some below ε, even negative (−1.5e-6 for ε = 1e-5): 1/√λ then explodes (1e13) where the exact
+    value is at most ε^{-1/2}. Pass ``floor=ε`` to put those rounding errors back on their bound.
 
     Spectral matrix function f(Σ) = U f(Λ) Uᵀ with f(λ) = λ^{-1/2}. Its derivatives follow the
     Daleckii–Krein formulas (Bhatia, *Matrix Analysis*, §V.3): Df(Σ)[E] = U (F1 ∘ Uᵀ E U) Uᵀ and
@@ -374,7 +410,7 @@ def inv_sqrt_psd(sigma: Tensor) -> Tensor:
     jacrev, jacfwd, hessian, vmap).
     Only sym(Σ) = (Σ + Σᵀ)/2 is read, so gradients are exact for any square input.
     """
-    return _InvSqrt.apply(sigma)[0]
+    return _InvSqrt.apply(sigma, floor)[0]
 
 
 def _largest_divisor(n: int, at_most: int) -> int:
@@ -452,9 +488,9 @@ class DecorrelatedBatchNorm(_Whitening):
 
     def _whitening_matrix(self, sigma: Tensor) -> Tensor:
         if self.whitening == "zca":
-            return inv_sqrt_psd(sigma)
+            return inv_sqrt_psd(sigma, floor=self.eps)  # Σ ⪰ εI: anything below ε is float rounding
         lam, u = torch.linalg.eigh(sigma)
-        lam, u = lam.flip(-1), u.flip(-1)  # descending eigenvalues
+        lam, u = lam.flip(-1).clamp_min(self.eps), u.flip(-1)  # descending eigenvalues, ≥ ε as above
         idx = u.detach().abs().argmax(dim=-2, keepdim=True)  # (G, 1, g)
         sign = torch.sign(torch.gather(u.detach(), -2, idx))
         u = u * torch.where(sign == 0, torch.ones_like(sign), sign)
