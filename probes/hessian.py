@@ -68,6 +68,7 @@ def hessian_eigenvalues(
     max_matvecs: int | None = None,
     seed: int = 0,
     return_vectors: bool = False,
+    block_size: int = 1,
     layer: str | None = None,
 ) -> EigenResult:
     """The ``k`` extreme eigenvalues of ∇²L by Lanczos (``method="lanczos"``, torch, full
@@ -82,6 +83,10 @@ def hessian_eigenvalues(
     is kept for all products (:func:`probes.hvp.hessian_operator`; default: kept for one batch, the
     faster choice, while ``cache_graphs=False`` needs less memory: on ResNet-20, 2.1× a gradient's
     tensor bytes instead of 3.0×, at 2.9× a gradient's time per product instead of 1.7–1.9×).
+    ``block_size``: block Lanczos, for eigenvalues repeated *exactly* up to that multiplicity, e.g. the
+    K − 1 equal top eigenvalues of a softmax classifier whose last layer is initialized to zero. One
+    start vector sees one copy of such an eigenvalue: the rest of the top-k is then taken from further
+    down the spectrum, accurate eigenvalues all, so ``converged`` cannot flag it.
     """
     with hessian_operator(
         model, loss_fn, batches, params=params, bn=bn, method=hvp, cache_graphs=cache_graphs
@@ -95,6 +100,7 @@ def hessian_eigenvalues(
             max_matvecs=max_matvecs,
             seed=seed,
             return_vectors=return_vectors,
+            block_size=block_size,
         )
     return _relabel(result, layer or _layer_name(params), "hessian_eigenvalues")
 
@@ -197,11 +203,14 @@ def hessian_outliers(
     hvp: str = "auto",
     cache_graphs: bool | None = None,
     seed: int = 0,
+    block_size: int = 1,
     layer: str | None = None,
 ) -> OutlierResult:
     """The outlier measures of Ghorbani et al. 2019 from the top-``num_classes`` eigenpairs of ∇²L.
-    ``num_classes`` K ≥ 2, fewer than the parameters. ``hvp``, ``cache_graphs``: as in
-    :func:`hessian_eigenvalues`."""
+    ``num_classes`` K ≥ 2, fewer than the parameters. ``hvp``, ``cache_graphs``, ``block_size``: as in
+    :func:`hessian_eigenvalues`; at a symmetric point (a zero-initialized last layer makes the top
+    eigenvalue K − 1 times repeated) pass ``block_size=num_classes``, or λ_K comes from below the
+    outliers."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer) or num_classes < 2:
         raise ValueError(
             f"num_classes must be an integer >= 2 (K of the outlier ratio λ1/λK), got {num_classes!r}"
@@ -214,7 +223,9 @@ def hessian_outliers(
                 f"num_classes must be smaller than the number of parameters n = {op.shape[0]}, "
                 f"got {num_classes}"
             )
-        eig = spectral.eigenvalues(op, k=num_classes, which="LA", tol=tol, seed=seed, return_vectors=True)
+        eig = spectral.eigenvalues(
+            op, k=num_classes, which="LA", tol=tol, seed=seed, return_vectors=True, block_size=block_size
+        )
         gradient = op.gradient()
     # float32 Ritz vectors are orthonormal only to ~1e-6·√k: project on their span through a float64 QR
     span, _ = np.linalg.qr(eig.vectors)

@@ -89,6 +89,32 @@ def test_density_agrees_with_exact_spectrum():
     assert result.nodes.min() >= exact.min() - 1e-8 and result.nodes.max() <= exact.max() + 1e-8
 
 
+def test_outliers_at_a_zero_initialized_head_need_a_block():
+    # softmax regression with W = 0, b = 0: H = (I − 11ᵀ/K)/K ⊗ E[x̃ x̃ᵀ], whose top eigenvalue is K − 1
+    # times repeated. One start vector sees one copy and took λ_K from below (ratio 1.96 for 1.40 at tol 1e-6)
+    from torch import nn
+    from torch.nn import functional as F
+
+    d, K, N = 20, 5, 100
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(N, d, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2, d, dtype=torch.float64)
+    y = torch.randint(0, K, (N,), generator=g)
+    model = nn.Linear(d, K).double()
+    with torch.no_grad():
+        model.weight.zero_(), model.bias.zero_()
+
+    def loss(theta):
+        return F.cross_entropy(X @ theta[: d * K].reshape(K, d).T + theta[d * K :], y)
+
+    exact = np.linalg.eigvalsh(torch.func.hessian(loss)(torch.zeros(d * K + K, dtype=torch.float64)))[::-1]
+    assert exact[0] - exact[K - 2] < 1e-12 < exact[0] - exact[K - 1]  # the case: K − 1 equal outliers
+    block = hessian_outliers(model, F.cross_entropy, (X, y), num_classes=K, tol=1e-8, block_size=K)
+    np.testing.assert_allclose(block.values, exact[:K], rtol=1e-7)
+    assert block.ratio == pytest.approx(exact[0] / exact[K - 1], rel=1e-7) and block.converged
+    top = hessian_eigenvalues(model, F.cross_entropy, (X, y), k=K - 1, tol=1e-8, block_size=K - 1)
+    np.testing.assert_allclose(top.values, exact[: K - 1], rtol=1e-7)
+
+
 def test_outliers_match_explicit_eigenpairs():
     case = CASES["mlp-none"]()
     H = explicit_hessian(case.model, case.loss_fn, case.batches, bn=case.bn)

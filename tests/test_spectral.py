@@ -99,6 +99,27 @@ def test_eigenvalues_match_eigvalsh(name: str, which: str, k: int, method: str) 
     assert res.n_matvecs > 0
 
 
+def test_lanczos_finds_every_zero_of_an_exact_null_space() -> None:
+    # G Gᵀ of rank 30 in n = 50: the Krylov space is invariant after 31 products, but its last vector
+    # lies near the null space, so the leftover (150 eps ‖A‖) passed for a genuine β and "SA" returned
+    # one zero and the two smallest positive eigenvalues, converged
+    G = np.random.default_rng(9).standard_normal((50, 30)) * np.logspace(0, -2, 30)
+    res = eigenvalues(MatrixOperator(G @ G.T), k=3, which="SA", tol=1e-10)
+    assert res.converged
+    np.testing.assert_allclose(res.values, 0.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_power_iteration_returns_orthonormal_vectors(which: str) -> None:
+    # deflation leaves each iterate orthogonal to the earlier vectors only to about tol (5e-4 here)
+    B = np.random.default_rng(8).standard_normal((50, 50))
+    res = eigenvalues(MatrixOperator(0.5 * (B + B.T)), k=3, which=which, method="power", return_vectors=True)
+    assert res.converged
+    np.testing.assert_allclose(res.vectors.T @ res.vectors, np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(res.values, _exact(0.5 * (B + B.T), which, 3), rtol=1e-2)
+    assert 0 <= gradient_fraction_in_top_subspace(np.ones(50), res.vectors) <= 1
+
+
 def test_lm_keeps_the_sign_of_a_dominant_negative_eigenvalue() -> None:
     op = MatrixOperator(MATRICES["indefinite"])
     for method in ("lanczos", "scipy", "power"):
@@ -279,6 +300,19 @@ def test_slq_density_and_moments(name: str) -> None:
     assert res.nodes.min() >= ev[0] - 1e-8 * np.abs(ev).max()
     assert res.nodes.max() <= ev[-1] + 1e-8 * np.abs(ev).max()
     assert res.nodes.max() == pytest.approx(ev[-1], rel=1e-3)
+
+
+def test_density_integrates_to_one_for_an_isotropic_operator_and_a_small_sigma() -> None:
+    # A = 2.5 I: the nodes differ by rounding only, and σ was 1% of that spread (1e-17): integral 11
+    iso = density(MatrixOperator(_with_spectrum(np.full(80, 2.5), seed=6)), n_iter=10, n_runs=20)
+    assert iso.sigma == pytest.approx(0.025)
+    assert np.trapezoid(iso.density, iso.grid) == pytest.approx(1.0, abs=1e-5)
+    # a σ much finer than the default grid: the grid is refined to a spacing ≤ σ (was 0.61 at σ = 1e-4)
+    spread = MatrixOperator(_with_spectrum(np.random.default_rng(7).uniform(-1, 3, 80), seed=6))
+    for sigma in (1e-3, 1e-4):
+        res = density(spread, n_iter=30, n_runs=5, sigma=sigma)
+        assert np.diff(res.grid).max() <= sigma
+        assert np.trapezoid(res.density, res.grid) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_density_custom_grid_sigma_reproducible_and_bad_inputs() -> None:
