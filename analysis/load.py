@@ -39,17 +39,23 @@ def load_runs(
     preset: str | None = None,
     *,
     config_columns: Iterable[str] = (),
+    run_ids: Iterable[str] | None = None,
     **select: Any,
 ) -> pd.DataFrame:
     """All records of the finished runs whose config matches ``select``, as one tidy DataFrame.
 
     ``select`` compares config fields (``norm="bn"``, ``arch=("mlp", "vgg")``). ``config_columns``
-    adds config fields as columns (e.g. ``lr``) next to the record fields. Runs without ``DONE`` are
-    skipped with a warning; a corrupt record raises ``ValueError`` naming the file and line.
+    adds config fields as columns (e.g. ``lr``) next to the record fields. ``run_ids``, if given, keeps
+    only those runs: the ones a sweep planned (``sweep.json``), so that runs of an earlier config left
+    in the same directory (other steps, another grid) never mix into its figures. Runs without ``DONE``
+    are skipped with a warning; a corrupt record raises ``ValueError`` naming the file and line.
     """
     frames = []
     skipped = []
+    keep = None if run_ids is None else set(run_ids)
     for run_dir in find_runs(results, study, preset):
+        if keep is not None and run_dir.name not in keep:
+            continue
         if not (run_dir / DONE).is_file():
             skipped.append(run_dir.name)
             continue

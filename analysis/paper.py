@@ -108,11 +108,21 @@ def study_results(study: Study, results: Path, preset: str) -> StudyResults:
     for name in study.figures:
         path = base / "figures" / f"{name}.pdf"
         figures[name] = path if path.is_file() else None
-    sweep = base / "sweep.json"
-    config = json.loads(sweep.read_text()).get("config", {}) if sweep.is_file() else {}
+    config, planned = _sweep(base)
     runs = base / "runs"
-    n_done = sum(1 for p in runs.glob("*/DONE")) if runs.is_dir() else 0
+    done = [p.parent.name for p in runs.glob("*/DONE")] if runs.is_dir() else []
+    n_done = sum(1 for run_id in done if planned is None or run_id in planned)
     return StudyResults(study, base, claims, figures, config, n_done)
+
+
+def _sweep(base: Path) -> tuple[dict[str, Any], set[str] | None]:
+    """The config and planned run ids of the last sweep under ``base`` (``sweep.json``); the runs are
+    None without one (all runs on disk count)."""
+    sweep = base / "sweep.json"
+    if not sweep.is_file():
+        return {}, None
+    saved = json.loads(sweep.read_text())
+    return saved.get("config", {}), (set(saved["runs"]) if "runs" in saved else None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -159,9 +169,10 @@ def default_summary(df: pd.DataFrame, grid: Sequence[str]) -> pd.DataFrame:
 def _load(study: Study, results: Path, preset: str) -> pd.DataFrame:
     columns = tuple(dict.fromkeys([*study.config_columns, *_grid_keys(study)]))
     columns = tuple(c for c in columns if c not in RECORD_FIELDS)
+    _, planned = _sweep(Path(results) / study.name / preset)  # the figures' runs, not an older config's
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unfinished runs: `whybn run` reports those
-        return load_runs(results, study.name, preset, config_columns=columns)
+        return load_runs(results, study.name, preset, config_columns=columns, run_ids=planned)
 
 
 # ----------------------------------------------------------------------------------------------------

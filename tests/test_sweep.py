@@ -559,6 +559,27 @@ def test_figures_are_the_same_files_every_time_and_the_rng_is_left_alone(tmp_pat
     assert {p.name: p.read_bytes() for p in store.figures_dir.iterdir()} == first
 
 
+def test_figures_and_paper_use_only_the_runs_of_the_last_sweeps_config(tmp_path):
+    """An earlier sweep with another grid left its runs in the same directory: they used to be averaged
+    into the figures and claims of the new one (claims with n = 2 drawn from 6 runs)."""
+    from analysis.paper import _load, study_results
+    from studies.lab.sweep import analyze_study
+
+    seen = []
+    study = Study(**{**SWEEP.__dict__, "analyze": lambda df, config, out: seen.append(df) or []})
+    store = RunStore(tmp_path, "sweeptoy", "quick")
+    run_sweep(study, SweepConfig(norms=("none", "bn"), seeds=2), store, log=quiet)
+    config = SweepConfig(norms=("bn",), seeds=2)
+    run_sweep(study, config, store, log=quiet)
+    assert len(store.run_ids(done=True)) == 4
+    with pytest.warns(UserWarning, match=r"2 run\(s\) under .* belong to another config"):
+        analyze_study(study, config, store)
+    planned = {run_id for run_id, _ in plan_runs(study, config)}
+    assert set(seen[-1]["run_id"]) == planned and set(seen[-1]["norm"]) == {"bn"}
+    assert set(_load(study, tmp_path, "quick")["run_id"]) == planned
+    assert study_results(study, tmp_path, "quick").n_done == 2
+
+
 def test_a_worker_that_dies_fails_the_runs_in_flight_and_the_next_sweep_redoes_them(
     tmp_path, attempt_log, monkeypatch
 ):

@@ -24,6 +24,7 @@ import multiprocessing
 import time
 import tomllib
 import traceback
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -465,11 +466,22 @@ def sweep_status(study: Study, config: Any, store: RunStore) -> dict[str, list[s
 
 
 def analyze_study(study: Study, config: Any, store: RunStore) -> list[Path]:
-    """Draw the study's figures and write claims.json from the finished runs in ``store``."""
+    """Draw the study's figures and write claims.json from the finished runs of ``config``'s grid in
+    ``store``. Runs of another config in the same directory (an earlier sweep with other steps or
+    another grid) are left out, with a warning that counts them."""
     from analysis.claims import write_claims
     from analysis.load import load_runs
 
-    df = load_runs(store.root, study.name, store.preset, config_columns=study.config_columns)
+    planned = [run_id for run_id, _ in plan_runs(study, config)]
+    others = sorted(set(store.run_ids()) - set(planned))
+    if others:
+        warnings.warn(
+            f"{study.name}: {len(others)} run(s) under {store.runs_dir} belong to another config and are "
+            f"left out of the figures and claims (`whybn status` lists them): {', '.join(others[:3])}"
+            + (" ..." if len(others) > 3 else ""),
+            stacklevel=2,
+        )
+    df = load_runs(store.root, study.name, store.preset, config_columns=study.config_columns, run_ids=planned)
     if df.empty:
         raise FileNotFoundError(
             f"no finished runs of {study.name!r} under {store.runs_dir}; run `whybn run {study.name}` first"
