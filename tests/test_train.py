@@ -432,6 +432,40 @@ def test_non_finite_parameters_after_a_step_diverge():
     assert result.records[-1]["metric"] == "diverged" and result.records[-1]["step"] == 1
 
 
+def test_overflowing_running_statistics_diverge_while_the_parameters_stay_finite():
+    # BN renormalizes the exploding activations, so the training loss and the weights stay finite, but
+    # its running variance overflows to inf and the eval-mode network outputs nan: it used to be "done",
+    # with a nan test loss and an accuracy from nan logits in the claims
+    torch.manual_seed(0)
+    x, y = blobs().tensors
+    data = TensorDataset(x * 1e20, y)  # a batch variance of ~1e40 overflows float32 in running_var
+    model = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    result = train(model, data, config=TrainConfig(lr=0.1, steps=20, batch_size=16), test_set=data)
+    assert result.diverged and result.steps_done == 1
+    last = result.records[-1]
+    assert (last["step"], last["metric"]) == (1, "diverged")
+    assert last["reason"] == "non-finite buffer 1.running_var"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(math.isfinite(v) for v in rows(result, "eval", "test_loss").values())
+    assert all(math.isfinite(v) for v in rows(result, "train", "loss").values())
+
+
+def test_a_non_finite_evaluation_loss_is_divergence():
+    class NanInEval(nn.Module):  # finite weights and buffers, nan outputs in eval mode only
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.fc(x) if self.training else self.fc(x) * float("nan")
+
+    result = train(NanInEval(), blobs(), config=TrainConfig(steps=10, batch_size=16), test_set=blobs())
+    assert result.diverged and result.steps_done == 0
+    last = result.records[-1]
+    assert (last["step"], last["metric"]) == (0, "diverged")
+    assert last["reason"] == "non-finite test_loss in evaluation (eval mode)"
+
+
 # ----------------------------------------------------------------------------------------------------
 # evaluation, seeds, config
 

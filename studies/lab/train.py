@@ -493,6 +493,18 @@ def _all_finite(params: Sequence[Tensor]) -> bool:
     return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
 
 
+def _nonfinite_state(model: nn.Module, params: Sequence[Tensor]) -> str | None:
+    """Why the model's state is not finite (None if it is): a parameter, or a floating buffer such as
+    BN's running variance, which overflows to inf while the batch-normalized training loss stays finite
+    (the eval-mode network then outputs nan)."""
+    buffers = [(name, b) for name, b in model.named_buffers() if b.is_floating_point()]
+    if _all_finite([*params, *(b for _, b in buffers)]):
+        return None
+    if not _all_finite(params):
+        return "non-finite parameters"
+    return "non-finite buffer " + next(name for name, b in buffers if not _all_finite([b]))
+
+
 def train(
     model: nn.Module,
     train_set: Dataset,
@@ -544,8 +556,9 @@ def train(
             step, model, batch, optimizer, loss_fn, train_tensors, test_tensors, device, config
         )
 
-    def checkpoint(step: int, batch: Batch | None, end: bool) -> None:
-        """Probes due at ``step`` (drawing ``batch`` if none is given), then evaluation if due."""
+    def checkpoint(step: int, batch: Batch | None, end: bool) -> bool:
+        """Probes due at ``step`` (drawing ``batch`` if none is given), then evaluation if due. Returns
+        whether an evaluation loss was not finite (the run diverged; a ``diverged`` row says why)."""
         due = [p for p in probes if p.due(step)]
         if due:
             ctx = context(step, batch if batch is not None else next(batches))
@@ -559,6 +572,11 @@ def train(
                         model, dataset, loss_fn, batch_size=config.eval_batch_size, device=device
                     )
                     records.extend(_row(step, "eval", prefix + k, v) for k, v in metrics.items())
+                    if not math.isfinite(metrics["loss"]):
+                        reason = f"non-finite {prefix}loss in evaluation (eval mode)"
+                        records.append(_row(step, "train", "diverged", 1.0, reason=reason))
+                        return True
+        return False
 
     diverged = stopped_early = False
     step = 0
@@ -566,7 +584,9 @@ def train(
     try:
         while step < config.steps:
             batch = next(batches)
-            checkpoint(step, batch, end=False)
+            if checkpoint(step, batch, end=False):
+                diverged = True
+                break
             lr = optimizer.param_groups[0]["lr"]
             optimizer.zero_grad(set_to_none=True)
             inputs, targets = batch
@@ -596,15 +616,15 @@ def train(
             scheduler.step()
             step += 1
             bar.update()
-            if not _all_finite(params):
-                records.append(_row(step, "train", "diverged", 1.0))
+            if (why := _nonfinite_state(model, params)) is not None:
+                records.append(_row(step, "train", "diverged", 1.0, reason=why))
                 diverged = True
                 break
             if on_step is not None and on_step(context(step - 1, batch), loss_value):
                 stopped_early = True
                 break
         if not diverged:
-            checkpoint(step, None, end=True)
+            diverged = checkpoint(step, None, end=True)
     finally:
         bar.close()
 
