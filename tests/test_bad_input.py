@@ -136,6 +136,18 @@ CASES = (
         planned=True,
     ),
     Case(
+        "a size below one (width, depth, units, *_size, ...)",
+        ("activation_drift", "--set", "width=-1", "--seeds", "1"),
+        "study 'activation_drift': width must be an int >= 1 (a size or count), got -1",
+        planned=True,
+    ),
+    Case(
+        "too few probes for Hutch++",
+        ("hessian_spectrum", "--set", "trace_probes=2", "--seeds", "1"),
+        "study 'hessian_spectrum': trace_probes must be an int >= 4 (a size or count), got 2",
+        planned=True,
+    ),
+    Case(
         "an empty grid",
         ("activation_drift", "--set", "norms="),
         "study 'activation_drift': the grid has no runs (norms=()); give each list at least one value",

@@ -20,7 +20,11 @@ What it checks, per run config (the fields of the ``Study`` protocol and those t
   ``p`` of ``lp_bn``, ...) are accepted by the norm's constructor (it is built once, on 16 channels);
 * a norm that needs spatial positions (``in``) is not put in an arch that has none (``mlp``, ``dln``,
   ``transformer``), as :func:`studies.lab.nets.make_net` would refuse;
-* every ``*_every`` field (``probe_every``, ``ladder_log_every``, ...) is an int >= 1;
+* every ``*_every`` field (``probe_every``, ``ladder_log_every``, ...) is an int >= 1, and so is every
+  size or count a study reads from its run config (:func:`_is_count_field`: ``width``, ``depth``,
+  ``units``, ``*_width``, ``*_size``, ``*_samples``, ...; ``trace_probes`` >= 4 for Hutch++, 2 for
+  Hutchinson), where the run config gives it as a number: ``--set width=-1`` used to fail in every run,
+  ``units=-1`` to slice silently, ``units=0`` to train to the end and fail in the figures;
 * the training fields a run config sets (``lr``, ``momentum``, ``steps``, ``batch_size``, ...) make a
   valid :class:`~studies.lab.train.TrainConfig` (:func:`studies.lab.runs.run_train_config`: its own
   ranges and messages), so ``--set lr=-1`` fails before the first run, not in every run;
@@ -30,7 +34,8 @@ What it checks, per run config (the fields of the ``Study`` protocol and those t
 A name problem raises ``ValueError``; when every problem is a missing dataset, ``FileNotFoundError``.
 Nothing is built but one norm layer per distinct (norm, options) and, for ``in``, one tiny net per arch.
 Not checked: options a single study interprets itself (edge_of_stability's ``loss``, hessian_spectrum's
-``trace_method``, ...) and numeric ranges other than the norm options' and the training fields'.
+``trace_method``, ...), numeric ranges other than those above, and relations between fields (``units``
+above ``width`` records ``width`` units).
 """
 
 from __future__ import annotations
@@ -168,8 +173,24 @@ def _check_positions(arch: str, norm: str, problems: _Problems) -> None:
         problems.add(str(err))
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+def _is_count(value: Any, at_least: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= at_least
+
+
+#: Run-config fields that are sizes or counts (>= 1), by name or by suffix.
+_COUNT_NAMES = ("width", "depth", "units", "epochs", "n_train", "n_test", "trace_probes")
+_COUNT_SUFFIXES = ("_width", "_depth", "_size", "_samples", "_runs", "_iter", "_rounds", "_dim", "_seeds")
+
+
+def _is_count_field(key: str) -> bool:
+    return key in _COUNT_NAMES or key.endswith(_COUNT_SUFFIXES)
+
+
+def _least_count(key: str, rc: Mapping[str, Any]) -> int:
+    """The smallest value ``rc[key]`` may take: Hutch++ needs 4 probes, Hutchinson 2 (spectral.trace)."""
+    if key == "trace_probes":
+        return 4 if rc.get("trace_method", "hutchpp") == "hutchpp" else 2
+    return 1
 
 
 def _first_time(seen: set[str], key: Any) -> bool:
@@ -210,6 +231,13 @@ def validate_runs(study: Study, planned: Sequence[tuple[str, Mapping[str, Any]]]
         for key, value in rc.items():
             if key.endswith("_every") and key not in TRAIN_FIELDS and not _is_count(value):
                 problems.add(f"{key} must be an int >= 1 (a number of steps), got {value!r}")
+            elif (
+                _is_count_field(key)
+                and key not in TRAIN_FIELDS
+                and isinstance(value, int | float | str)
+                and not _is_count(value, least := _least_count(key, rc))
+            ):
+                problems.add(f"{key} must be an int >= {least} (a size or count), got {value!r}")
         train = tuple((k, rc[k]) for k in TRAIN_FIELDS if k in rc)
         named = all(registered.get(f, True) for f in ("optimizer", "schedule"))  # else reported above
         if train and named and _first_time(checked, ("train", train)):
