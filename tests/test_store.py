@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -116,6 +117,21 @@ def test_duplicate_grid_points_rejected():
     dup = Study(**{**TOY.__dict__, "grid": lambda c: [{"arch": "a", "seed": 0}] * 2})
     with pytest.raises(ValueError, match="share the config"):
         plan_runs(dup, ToyConfig())
+
+
+def test_atomic_files_get_the_permissions_of_a_plain_open(tmp_path):
+    # mkstemp makes 0600 files: records and claims were unreadable to the group that could read figures
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "a.json", "{}")
+        (tmp_path / "plain.json").write_text("{}")
+        os.umask(0o077)
+        write_atomic(tmp_path / "b.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "a.json").stat().st_mode == (tmp_path / "plain.json").stat().st_mode
+    assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):

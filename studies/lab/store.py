@@ -92,11 +92,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask: ``os.umask`` has no getter, so set it and put it back at once."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_file(path: Path, mode: str = "w") -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success it replaces ``path`` (fsync + ``os.replace``).
 
     Readers see the old file or the whole new one, never a part; on error the temporary file is removed.
+    The file gets the permissions ``open`` would give it (0666 less the umask), not ``mkstemp``'s
+    owner-only 0600, so results on a shared file system are as readable as their figures.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
@@ -104,6 +113,7 @@ def atomic_file(path: Path, mode: str = "w") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
             yield f
             f.flush()
