@@ -770,6 +770,12 @@ def trace(
       a few large eigenvalues the deflated residual is small and so is the error: ``O(1/m)`` instead of
       ``O(1/√m)``.
 
+    ``stderr`` estimates the standard deviation of ``value`` from the same few samples it averages: with
+    ``r`` of them (``m`` for Hutchinson, ``m − 2s`` for Hutch++) an interval ``value ± c·stderr`` needs
+    Student's t with ``r − 1`` degrees of freedom, not the normal ``c``. On a random symmetric 40 × 40
+    matrix, ``± 2·stderr`` held the exact trace for 74% of 400 seeds with 2 Hutchinson probes, 87% with
+    4 and 96% with 30; Hutch++: 71% with 4 probes (2 residual samples), 92% with 30.
+
     Raises ``ValueError`` naming ``n_probes`` (``≥ 2`` for Hutchinson, ``≥ 4`` for Hutch++) or ``method``.
     """
     n = _size(op)
