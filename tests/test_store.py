@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +24,8 @@ from studies.lab.store import (
 )
 from studies.lab.study import RunContext, Study
 from studies.lab.sweep import plan_runs, run_sweep
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,36 @@ def test_begin_refuses_finished_run_and_bad_ids(tmp_path):
         store.run_dir("../escape")
     with pytest.raises(FileNotFoundError, match="not begun"):
         store.finish("r2", {}, [])
+
+
+def test_provenance_names_the_code_that_ran(tmp_path):
+    import shutil
+    import subprocess
+
+    from studies.lab.store import SOURCE_PACKAGES, git_commit, source_digest
+
+    env = environment(seed=3)
+    assert env["seed"] == 3 and env["source"] == source_digest() and len(env["source"]["sha256"]) == 64
+    # the digest follows the code: a copy hashes the same, one changed byte does not
+    for package in SOURCE_PACKAGES:
+        caches = shutil.ignore_patterns("__pycache__")
+        shutil.copytree(REPO / package, tmp_path / "copy" / package, ignore=caches)
+    assert source_digest(tmp_path / "copy")["sha256"] == source_digest(REPO)["sha256"]
+    store_py = tmp_path / "copy" / "studies" / "lab" / "store.py"
+    store_py.write_text(store_py.read_text() + "\n")
+    source_digest.cache_clear()  # it is computed once per process and root
+    assert source_digest(tmp_path / "copy")["sha256"] != source_digest(REPO)["sha256"]
+    # an installed copy in an ignored directory of a checkout: the checkout's HEAD is not its commit
+    repo = tmp_path / "checkout"
+    (repo / ".venv" / "site").mkdir(parents=True)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / ".gitignore").write_text(".venv/\n")
+    subprocess.run([*git, "-C", str(repo), "add", ".gitignore"], check=True)
+    subprocess.run([*git, "-C", str(repo), "commit", "-qm", "x"], check=True)
+    assert git_commit(repo)["commit"] is not None and git_commit(repo)["dirty"] is False
+    assert git_commit(repo / ".venv" / "site") == {"commit": None, "dirty": None}
+    assert git_commit(tmp_path / "copy") == {"commit": None, "dirty": None}  # outside any checkout
 
 
 def test_read_only_results_directory_fails_before_training(tmp_path):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -195,10 +196,39 @@ def make_run_id(config: Mapping[str, Any], keys: Iterable[str] = ("arch", "norm"
     return "-".join(p.replace("/", "_").replace(" ", "") for p in parts)
 
 
+#: The packages whose source :func:`source_digest` hashes (the code a result depends on).
+SOURCE_PACKAGES = ("probes", "studies", "analysis")
+
+
+@functools.cache
+def source_digest(root: Path | None = None) -> dict[str, Any]:
+    """A SHA-256 of the running code: every ``.py`` file of :data:`SOURCE_PACKAGES` under ``root`` (default:
+    where this module was imported from), path and contents, in sorted order.
+
+    It names the code where git cannot: outside a checkout, for an installed copy (a non-editable
+    ``pip install .`` in a ``.venv`` inside the checkout is *ignored* by it, so the checkout's HEAD
+    describes other code), and for a tree with uncommitted or untracked changes.
+    """
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[2]
+    digest, files = hashlib.sha256(), 0
+    for package in SOURCE_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+            files += 1
+    return {"sha256": digest.hexdigest(), "files": files, "root": str(root)}
+
+
 def git_commit(cwd: Path | None = None) -> dict[str, Any]:
-    """The git commit of the source tree (and whether it has uncommitted changes), or None outside git."""
+    """The git commit of the source tree (and whether it has uncommitted changes), or None outside git,
+    and None too where the code in ``cwd`` is ignored by the repository around it (an installed copy in
+    a ``.venv`` inside a checkout: the checkout's HEAD is not the code that ran)."""
     cwd = Path(cwd) if cwd is not None else Path(__file__).resolve().parent
     try:
+        ignored = subprocess.run(
+            ["git", "check-ignore", "-q", str(cwd)], cwd=cwd, capture_output=True, timeout=10
+        ).returncode
+        if ignored == 0:
+            return {"commit": None, "dirty": None}
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
@@ -223,7 +253,8 @@ def _version(dist: str) -> str | None:
 
 
 def environment(*, seed: int | None = None, device: str = "cpu") -> dict[str, Any]:
-    """What a result depends on beyond its config: versions, device, threads, git commit, seed."""
+    """What a result depends on beyond its config: versions, device, threads, git commit, a digest of
+    the source (:func:`source_digest`), seed."""
     import torch
 
     env: dict[str, Any] = {
@@ -240,6 +271,7 @@ def environment(*, seed: int | None = None, device: str = "cpu") -> dict[str, An
             for name in ("whybn", "torch", "numpy", "scipy", "pandas", "matplotlib", "seaborn", "mnist1d")
         },
         "git": git_commit(),
+        "source": source_digest(),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         env["cuda"] = {"device_name": torch.cuda.get_device_name(), "cuda_version": torch.version.cuda}
