@@ -40,6 +40,8 @@ __all__ = [
 
 #: The minus sign in generated LaTeX (a hyphen would print as one).
 MINUS = r"\textminus{}"
+_SUPERSCRIPTS, _SUPERSCRIPTED = "⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁼ⁿⁱᵀ", "0123456789+=niT"
+_SUBSCRIPTS = "₀₁₂₃₄₅₆₇₈₉₊₌"
 
 _SPECIALS = {
     "\\": r"\textbackslash{}",
@@ -78,10 +80,7 @@ UNICODE_TO_LATEX: dict[str, str] = {
     "⊥": r"\ensuremath{\perp}",
     "∘": r"\ensuremath{\circ}",
     "∑": r"\ensuremath{\sum}",
-    "₀": r"\textsubscript{0}",
     "ₜ": r"\textsubscript{t}",
-    "⁻": r"\textsuperscript{-}",
-    "¹": r"\textsuperscript{1}",
     "Λ": r"\ensuremath{\Lambda}",
     "Ω": r"\ensuremath{\Omega}",
     "∪": r"\ensuremath{\cup}",
@@ -124,11 +123,11 @@ UNICODE_TO_LATEX: dict[str, str] = {
     "§": r"\S{}",
     "′": r"\ensuremath{'}",
     "″": r"\ensuremath{''}",
-    "²": r"\textsuperscript{2}",
-    "³": r"\textsuperscript{3}",
-    "₁": r"\textsubscript{1}",
-    "₂": r"\textsubscript{2}",
-    "ᵀ": r"\textsuperscript{T}",
+    **{up: rf"\textsuperscript{{{plain}}}" for up, plain in zip(_SUPERSCRIPTS, _SUPERSCRIPTED, strict=True)},
+    "⁻": r"\textsuperscript{\textminus{}}",
+    **{sub: rf"\textsubscript{{{plain}}}" for sub, plain in zip(_SUBSCRIPTS, "0123456789+=", strict=True)},
+    "₋": r"\textsubscript{\textminus{}}",
+    "µ": r"\ensuremath{\mu}",
     "\u00a0": "~",
 }
 
@@ -171,37 +170,71 @@ def _scientific(x: float) -> bool:
     return x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3)
 
 
+def _format_scientific(x: float, digits: int = 2) -> str:
+    """``x`` as ``m.m\\times10^{e}`` with ``digits`` significant digits in the mantissa."""
+    if x == 0:
+        return "0"
+    mantissa, exponent = f"{x:.{digits - 1}e}".split("e")
+    sign = MINUS if mantissa.startswith("-") else ""
+    return rf"{sign}\ensuremath{{{mantissa.lstrip('-')}\times10^{{{int(exponent)}}}}}"
+
+
 def format_number(x: float | None, decimals: int | None = None) -> str:
     """One number as LaTeX text: ``0.26``, ``\\textminus{}1.41``, ``1.2e-04`` as ``1.2\\times10^{-4}``.
 
     ``decimals=None`` picks them from the magnitude (:func:`_decimals`); NaN and None print ``--``,
     infinities ``\\ensuremath{\\infty}``.
     """
-    if x is None or (isinstance(x, float) and math.isnan(x)):
+    if x is None:
         return "--"
-    x = float(x)
+    x = float(x)  # numpy and torch scalars too (a float32 nan is not a Python float)
+    if math.isnan(x):
+        return "--"
     if math.isinf(x):
         return ("" if x > 0 else MINUS) + r"\ensuremath{\infty}"
     if decimals is None and _scientific(x):
-        mantissa, exponent = f"{x:.1e}".split("e")
-        sign = MINUS if mantissa.startswith("-") else ""
-        return rf"{sign}\ensuremath{{{mantissa.lstrip('-')}\times10^{{{int(exponent)}}}}}"
+        return _format_scientific(x)
     text = f"{x:.{_decimals(abs(x)) if decimals is None else decimals}f}"
     if float(text) == 0:  # no "-0.00"
         text = text.lstrip("-")
     return text.replace("-", MINUS)
 
 
+def _tells_apart(values: Sequence[float | None], parts: Sequence[str]) -> bool:
+    """Whether ``parts`` show what ``values`` are: unequal values print unequal, and a negative value
+    keeps its minus (a lower bound of −0.001 printed ``0.00`` would seem to clear a threshold of 0)."""
+    shown = [(v, t) for v, t in zip(values, parts, strict=True) if v is not None and math.isfinite(v)]
+    if any(v < 0 and MINUS not in t for v, t in shown):
+        return False
+    return all(a == b or ta != tb for i, (a, ta) in enumerate(shown) for b, tb in shown[i + 1 :])
+
+
 def format_ci(estimate: float, ci_low: float, ci_high: float) -> str:
-    """``estimate [ci_low, ci_high]`` with shared decimals, e.g. ``0.26 [0.24, 0.27]``."""
-    finite = [abs(v) for v in (estimate, ci_low, ci_high) if v is not None and math.isfinite(v)]
+    """``estimate [ci_low, ci_high]`` with shared decimals, e.g. ``0.26 [0.24, 0.27]``.
+
+    The decimals follow the largest magnitude (:func:`_decimals`), and grow until the estimate and the
+    bounds that differ print differently and every negative one keeps its minus: ``0.1995 [0.1985,
+    0.2017]``, not ``0.20 [0.20, 0.20]``. Magnitudes below 1e-3 or from 1e5 up, or a difference that
+    fixed decimals cannot show, are written in scientific notation, with as many digits as that needs.
+    """
+    values = (estimate, ci_low, ci_high)
+    finite = [abs(v) for v in values if v is not None and math.isfinite(v)]
     if not finite:
         return "--"
     largest = max(finite)
-    if _scientific(largest) and largest >= 1e5:
-        return f"{format_number(estimate)} [{format_number(ci_low)}, {format_number(ci_high)}]"
-    decimals = min(_decimals(largest), 6)
-    parts = [format_number(v, decimals) for v in (estimate, ci_low, ci_high)]
+    parts: list[str] = []
+    if not _scientific(largest):
+        for decimals in range(min(_decimals(largest), 6), 9):
+            parts = [format_number(v, decimals) for v in values]
+            if _tells_apart(values, parts):
+                return f"{parts[0]} [{parts[1]}, {parts[2]}]"
+    for digits in range(2, 9):
+        parts = [
+            _format_scientific(v, digits) if v is not None and math.isfinite(v) else format_number(v)
+            for v in values
+        ]
+        if _tells_apart(values, parts):
+            break
     return f"{parts[0]} [{parts[1]}, {parts[2]}]"
 
 
@@ -403,7 +436,7 @@ def dataframe_table(df: pd.DataFrame, *, caption: str, label: str) -> str:
         return latex_escape(value)
 
     rows = []
-    for _, record in df.iterrows():
+    for _, record in df.astype(object).iterrows():  # iterrows would turn an all-numeric row into floats
         row = []
         for _, cols in groups:
             if len(cols) == 3:

@@ -58,6 +58,43 @@ def test_format_ci_shares_decimals():
     assert format_number(-0.001, 2) == "0.00"  # never "-0.00"
 
 
+def test_format_ci_tells_the_estimate_and_bounds_apart():
+    # committed claims printed as 0.20 [0.20, 0.20] (depth) and 0.000000 [0.000000, 0.000000]
+    # (scale_invariance, 2.26e-7 [9.5e-8, 4.8e-7]); a lower bound of −0.001 lost its minus
+    sci = r"\ensuremath{{{}\times10^{{{}}}}}"
+    cases = {
+        (0.1995, 0.1985, 0.2017): "0.200 [0.199, 0.202]",
+        (0.478, 0.476, 0.482): "0.478 [0.476, 0.482]",
+        (
+            2.26e-7,
+            9.5e-8,
+            4.8e-7,
+        ): f"{sci.format('2.3', -7)} [{sci.format('9.5', -8)}, {sci.format('4.8', -7)}]",
+        (0.004, -0.001, 1.2): f"0.004 [{MINUS}0.001, 1.200]",
+        (
+            1.04e5,
+            1.0e5,
+            1.06e5,
+        ): f"{sci.format('1.04', 5)} [{sci.format('1.00', 5)}, {sci.format('1.06', 5)}]",
+        (2.0, 2.0, 2.0): "2.00 [2.00, 2.00]",  # equal values may print equal
+    }
+    for values, text in cases.items():
+        assert format_ci(*values) == text
+    for values in itertools.product((-3e-9, 1e-9, 2e-9, 0.2, 0.2001, 7.5e5, 7.51e5), repeat=3):
+        parts = re.split(r" \[|, |\]$", format_ci(*values))[:3]
+        largest = max(abs(v) for v in values)
+        assert parse_number(format_ci(*values)) == pytest.approx(values, rel=0.01, abs=0.006 * largest)
+        for (a, ta), (b, tb) in itertools.combinations(zip(values, parts, strict=True), 2):
+            assert a == b or ta != tb, (values, parts)
+        assert all(MINUS in t for v, t in zip(values, parts, strict=True) if v < 0)
+
+
+def test_format_number_of_numpy_scalars_and_dataframe_integers():
+    assert format_number(np.float32("nan")) == "--" and format_number(np.float64(0.26)) == "0.26"
+    tex = dataframe_table(pd.DataFrame({"lr": [0.1, 1.0], "n": [3, 3]}), caption="c", label="t")
+    assert [row[1] for row in _table_rows(tex)] == ["3", "3"]  # an all-numeric row kept its int column
+
+
 def test_parse_number_inverts_format():
     for x in (0.26, -1.41, 12.6, -3.2e-5, 4.5e6):
         assert parse_number(format_number(x))[0] == pytest.approx(x, rel=0.05)
@@ -76,6 +113,10 @@ def test_latex_escape_specials_and_unicode():
     assert rf"G {MINUS} G\ensuremath{{'}}" in text
     assert rf"> {MINUS}0.02" in text and "15-85" in text  # a negative number gets a minus, a range not
     assert all(ord(c) < 128 for c in text)
+    assert latex_escape("10⁻⁶ 2ⁿ x₃ 5 µs") == (
+        rf"10\textsuperscript{{{MINUS}}}\textsuperscript{{6}} 2\textsuperscript{{n}} x\textsubscript{{3}} "
+        r"5 \ensuremath{\mu}s"
+    )  # superscripts used to fall to the baseline (10-6), µ to "?"
     assert latex_escape("é") == "e"  # unknown accents fall back to the base letter
     with pytest.warns(UserWarning, match="U\\+2603"):
         assert latex_escape("☃") == "?"
@@ -208,7 +249,7 @@ def test_dataframe_table_merges_ci_columns_and_round_trips():
     assert r"norm & estimate [95\% CI] & $n$ & loss [95\% CI] \\" in header
     rows = _table_rows(tex)
     assert rows[0] == ["bn", "0.67 [0.64, 0.69]", "3", "0.54 [0.48, 0.63]"]
-    assert parse_number(rows[1][1]) == [0.41, 0.40, 0.41]
+    assert parse_number(rows[1][1]) == [0.407, 0.401, 0.412]  # at 2 decimals the estimate = a bound
     assert "@{}lrrr@{}" in tex
 
 
