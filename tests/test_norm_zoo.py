@@ -141,13 +141,36 @@ def test_claims_are_computed_from_records(df, claims):
                 ]
                 loss = run[(run["probe"] == "train") & (run["metric"] == "loss")].set_index("step")["value"]
                 late = loss[loss.index >= 0.75 * TINY.ladder_steps]
-                if not (run["metric"] == "diverged").any() and late.mean() < loss[0]:
+                classes = run.loc[run["metric"] == "num_classes", "value"].iloc[0]
+                if not (run["metric"] == "diverged").any() and late.mean() < min(loss[0], np.log(classes)):
                     stable.append(lr)
             best[arch, norm] = max(stable) if stable else 0.01
     expected = np.mean([np.log(best[a, "bn"] / best[a, "none"]) for a in TINY.archs])
     assert claims[2]["estimate"] == pytest.approx(expected)
     ln = [acc["transformer", "ln", s] - acc["transformer", "bn", s] for s in (0, 1)]
     assert claims[5]["estimate"] == pytest.approx(np.mean(ln)) and claims[5]["criterion"].endswith("> -0.02")
+
+
+def test_a_ladder_run_that_collapses_to_chance_is_not_stable():
+    # the no-norm VGG starts at 2.95 > log 10 and settles at a uniform prediction's 2.35: its loss fell,
+    # but it did not train. It used to count as stable, and BN's larger stable lr claim then failed
+    def run(lr, losses, classes=10.0):
+        rows = [
+            {"step": 10 * i, "probe": "train", "metric": "loss", "value": v} for i, v in enumerate(losses)
+        ]
+        rows.append({"step": 0, "probe": "data", "metric": "num_classes", "value": classes})
+        return [{**r, "arch": "vgg", "norm": "none", "seed": 0, "kind": "ladder", "lr": lr} for r in rows]
+
+    config = replace(TINY, ladder_lrs=(0.1, 1.0, 3.0), ladder_steps=40)
+    df = pd.DataFrame(
+        run(0.1, [2.95, 2.0, 1.6, 1.4, 1.3])
+        + run(1.0, [2.95, 2.35, 2.34, 2.36, 2.35])
+        + run(3.0, [2.95, 2.8, 2.6, 2.5, 2.4], classes=20.0)  # below log 20 = 3.0 and its start: trained
+    )
+    table = study.ladder_table(df, config)
+    assert table.loc[("vgg", "none", 0), "max_stable_lr"] == 3.0
+    df = df[df["lr"] != 3.0]
+    assert study.ladder_table(df, config).loc[("vgg", "none", 0), "max_stable_lr"] == 0.1
 
 
 def test_steps_to_target_censors():
