@@ -200,22 +200,29 @@ def format_number(x: float | None, decimals: int | None = None) -> str:
     return text.replace("-", MINUS)
 
 
+#: Values closer than this fraction of the largest magnitude may print alike (four significant digits).
+_RESOLUTION = 1e-4
+
+
 def _tells_apart(values: Sequence[float | None], parts: Sequence[str]) -> bool:
-    """Whether ``parts`` show what ``values`` are: unequal values print unequal, and a negative value
-    keeps its minus (a lower bound of −0.001 printed ``0.00`` would seem to clear a threshold of 0)."""
+    """Whether ``parts`` show what ``values`` are: values that differ by more than :data:`_RESOLUTION`
+    of the largest print differently, and a negative value keeps its minus (a lower bound of −0.001
+    printed ``0.00`` would seem to clear a threshold of 0)."""
     shown = [(v, t) for v, t in zip(values, parts, strict=True) if v is not None and math.isfinite(v)]
     if any(v < 0 and MINUS not in t for v, t in shown):
         return False
-    return all(a == b or ta != tb for i, (a, ta) in enumerate(shown) for b, tb in shown[i + 1 :])
+    alike = _RESOLUTION * max(abs(v) for v, _ in shown)
+    return all(abs(a - b) <= alike or ta != tb for i, (a, ta) in enumerate(shown) for b, tb in shown[i + 1 :])
 
 
 def format_ci(estimate: float, ci_low: float, ci_high: float) -> str:
     """``estimate [ci_low, ci_high]`` with shared decimals, e.g. ``0.26 [0.24, 0.27]``.
 
     The decimals follow the largest magnitude (:func:`_decimals`), and grow until the estimate and the
-    bounds that differ print differently and every negative one keeps its minus: ``0.1995 [0.1985,
-    0.2017]``, not ``0.20 [0.20, 0.20]``. Magnitudes below 1e-3 or from 1e5 up, or a difference that
-    fixed decimals cannot show, are written in scientific notation, with as many digits as that needs.
+    bounds that differ (by more than 1e-4 of the largest) print differently and every negative one keeps
+    its minus: ``0.200 [0.199, 0.202]`` for 0.1995 [0.1985, 0.2017], not ``0.20 [0.20, 0.20]``.
+    Magnitudes below 1e-3 or from 1e5 up, or a difference that fixed decimals cannot show, are written
+    in scientific notation, with as many digits as that needs.
     """
     values = (estimate, ci_low, ci_high)
     finite = [abs(v) for v in values if v is not None and math.isfinite(v)]
@@ -392,7 +399,7 @@ def scoreboard_table(
                     verdict(c.get("holds")),
                 ]
             )
-    columns = r"@{}>{\raggedright}p{0.22\linewidth}>{\raggedright\arraybackslash}p{0.38\linewidth}lrl@{}"
+    columns = r"@{}>{\raggedright}p{0.22\linewidth}>{\raggedright\arraybackslash}p{0.34\linewidth}lrl@{}"
     header = ["study, paper", "claim", "estimate [95\\% CI]", "$n$", ""]
     return _longtable(columns, header, rows, caption, label)
 
