@@ -676,6 +676,14 @@ def _eigsh(
         except sla.ArpackNoConvergence as err:
             vals, vecs = err.eigenvalues, err.eigenvectors
             converged = False
+        except sla.ArpackError as err:
+            # "Starting vector is zero" (info -9): A maps the random start vector, and the random
+            # restarts, to exactly 0, which with probability one means A = 0 (a block of parameters the
+            # loss does not depend on): every eigenvalue is 0 and any orthonormal k columns are eigenvectors
+            if "-9" not in str(err) or np.any(mv(v0) != 0):
+                raise
+            vecs, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, k)))
+            vals, converged = np.zeros(k), True
     return np.asarray(vals, dtype=np.float64), np.asarray(vecs), count, converged
 
 

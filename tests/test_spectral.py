@@ -99,6 +99,17 @@ def test_eigenvalues_match_eigvalsh(name: str, which: str, k: int, method: str) 
     assert res.n_matvecs > 0
 
 
+@pytest.mark.parametrize("method", ["lanczos", "scipy", "power"])
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_the_zero_operator_has_zero_eigenvalues(method: str, which: str) -> None:
+    # a Hessian block the loss does not depend on; ARPACK stopped with "Starting vector is zero"
+    zero = MatrixOperator(np.zeros((30, 30)))
+    res = eigenvalues(zero, k=3, which=which, method=method, return_vectors=True)
+    assert res.converged
+    np.testing.assert_array_equal(res.values, np.zeros(3))
+    np.testing.assert_allclose(res.vectors.T @ res.vectors, np.eye(3), atol=1e-12)
+
+
 def test_lanczos_finds_every_zero_of_an_exact_null_space() -> None:
     # G Gᵀ of rank 30 in n = 50: the Krylov space is invariant after 31 products, but its last vector
     # lies near the null space, so the leftover (150 eps ‖A‖) passed for a genuine β and "SA" returned
