@@ -137,6 +137,21 @@ def test_atomic_files_get_the_permissions_of_a_plain_open(tmp_path):
     assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
 
 
+def test_a_sweep_removes_temp_files_that_killed_writes_left(tmp_path):
+    store = RunStore(tmp_path, "toy", "quick")
+    run_sweep(TOY, ToyConfig(), store, log=lambda _: None)
+    stale = [store.base / ".tmp-sweep.json-x1", store.figures_dir / ".tmp-claims.json-x2"]
+    stale.append(store.runs_dir / ".tmp-write-check-x3")
+    fresh = store.base / ".tmp-sweep.json-in-flight"  # another sweep's write, still going
+    for path in [*stale, fresh]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("half")
+    for path in stale:
+        os.utime(path, (0, 0))  # SIGKILLed long ago
+    run_sweep(TOY, ToyConfig(), store, log=lambda _: None)
+    assert not any(p.exists() for p in stale) and fresh.exists()
+
+
 def test_atomic_write_leaves_no_temp_files(tmp_path):
     write_atomic(tmp_path / "a.txt", "hello")
     write_atomic(tmp_path / "a.txt", "world")

@@ -345,6 +345,23 @@ class RunStore:
                 err.errno, f"results directory {self.base} is not writable ({err.strerror or err})"
             ) from err
 
+    def remove_stale_temp_files(self, older_than: float = 3600.0) -> list[Path]:
+        """Delete the ``.tmp-*`` files that writes killed mid-way (SIGKILL, power loss) left in this
+        study's directories, if older than ``older_than`` seconds: a live write finishes in well under
+        that, so another sweep's file in flight is never touched. Returns the paths removed."""
+        if not self.base.is_dir():
+            return []
+        cutoff = time.time() - older_than
+        removed = []
+        for path in self.base.rglob(".tmp-*"):
+            try:
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed.append(path)
+            except FileNotFoundError:  # removed by another sweep meanwhile
+                continue
+        return removed
+
     def check_free_space(self, n_runs: int) -> None:
         """Fail before any training if the results file system cannot hold ``n_runs`` more runs.
 

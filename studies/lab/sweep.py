@@ -340,6 +340,7 @@ def run_sweep(
     start = time.perf_counter()
     planned = plan_runs(study, config)
     store.check_writable()
+    store.remove_stale_temp_files()
     report = SweepReport()
     todo = []
     for run_id, run_config in planned:
