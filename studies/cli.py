@@ -429,6 +429,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as err:
         print(f"whybn: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: finished runs are on disk (DONE), the one in flight is redone
+        print(
+            "whybn: interrupted; finished runs are kept, and the same command resumes with the rest",
+            file=sys.stderr,
+        )
+        return 130
     except BrokenPipeError:  # `whybn status | head`: the reader has gone; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

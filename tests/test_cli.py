@@ -34,6 +34,27 @@ def toy_registry(monkeypatch):
     return analyzed
 
 
+def test_ctrl_c_is_one_line_and_the_same_command_resumes(tmp_path, capsys, monkeypatch):
+    calls = []
+
+    def run(rc, ctx):
+        calls.append(rc["norm"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C during the second run
+        return [{"step": 0, "probe": "train", "metric": "loss", "value": 1.0}]
+
+    study = Study(**{**TOY.__dict__, "run": run})
+    monkeypatch.setattr(cli, "STUDY_NAMES", ("toy",))
+    monkeypatch.setattr(cli, "get_study", lambda name: study)
+    args = ["run", "toy", "--results", str(tmp_path), "--seeds", "1"]
+    assert cli.main(args) == 130
+    err = capsys.readouterr().err
+    assert err == "whybn: interrupted; finished runs are kept, and the same command resumes with the rest\n"
+    assert cli.main(args) == 0
+    assert "1 run(s) done (0 diverged), 1 already finished" in capsys.readouterr().out
+    assert len(calls) == 3  # the interrupted run is redone, the finished one is not
+
+
 def test_list(toy_registry, capsys):
     assert cli.main(["list"]) == 0
     out = capsys.readouterr().out
