@@ -40,6 +40,7 @@ from analysis import stats
 from analysis.load import load_runs
 from analysis.style import ordered_norms
 from analysis.tables import (
+    MINUS,
     CiteIndex,
     claim_macros,
     claims_table,
@@ -185,6 +186,16 @@ def _tex_path(res: StudyResults, results: Path, name: str) -> str:
     return r"\WBresults/" + rel.as_posix()
 
 
+def _config_number(value: float) -> str:
+    """A config value as typed (``0.05``, ``200``), with ``1e-06`` as ``10^{−6}`` rather than a hyphen."""
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    if "e" not in text:
+        return text.replace("-", MINUS)
+    mantissa, exponent = text.split("e")
+    power = rf"10^{{{int(exponent)}}}"
+    return rf"\ensuremath{{{power}}}" if mantissa == "1" else rf"\ensuremath{{{mantissa}\times{power}}}"
+
+
 def write_study_tex(
     res: StudyResults, results: Path, preset: str, cites: CiteIndex, *, summaries: bool = True
 ) -> dict[str, str]:
@@ -213,7 +224,7 @@ def write_study_tex(
         if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
             continue
         if isinstance(value, (int, float)):
-            macros[f"{name}/config/{key}"] = f"{value:g}" if isinstance(value, float) else str(value)
+            macros[f"{name}/config/{key}"] = _config_number(value)
         elif isinstance(value, str) and len(value) < 40:
             macros[f"{name}/config/{key}"] = latex_escape(value)
     if summaries:

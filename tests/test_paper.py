@@ -161,6 +161,18 @@ def test_generated_tex(results):
     assert scoreboard.count(r"\hyperref[sec:toy_paper]") == 2 and "Nobody 1999" in scoreboard
 
 
+def test_config_numbers_in_macros():
+    from analysis.paper import _config_number
+
+    assert [_config_number(v) for v in (0.05, 200, 1e-06, 2.5e-07, -0.5)] == [
+        "0.05",
+        "200",
+        r"\ensuremath{10^{-6}}",  # was "1e-06", a hyphen in the text
+        r"\ensuremath{2.5\times10^{-7}}",
+        r"\textminus{}0.5",
+    ]
+
+
 def test_default_summary_values(results):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
