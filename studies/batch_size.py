@@ -71,7 +71,7 @@ class Config:
     seeds: int = 3
     dataset: str = "mnist1d"
     data_root: str | None = None  # directory of fashion_mnist / cifar10 files
-    n_train: int | None = None  # subset sizes for every dataset but mnist1d (None: all)
+    n_train: int | None = None  # subset sizes for fashion_mnist, gaussian, cifar10 (None: all)
     n_test: int | None = None
     depth: int = 3
     width: int = 128

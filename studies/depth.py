@@ -72,7 +72,7 @@ from analysis.claims import Claim, test_claim
 from analysis.style import labeled_legend, norm_palette, ordered_norms, save_figure, use_style
 from probes.conditioning import rank_collapse
 from probes.gradients import BN_RELU_GRADIENT_GROWTH, layer_gradient_norms
-from studies.lab.data import dataset_info, load_dataset
+from studies.lab.data import dataset_info, load_dataset, run_data_options
 from studies.lab.nets import make_net
 from studies.lab.study import RunContext, Study
 
@@ -98,7 +98,7 @@ class Config:
     seeds: int = 8
     dataset: str = "mnist1d"
     data_root: str | None = None  # directory of fashion_mnist / cifar10 files
-    n_train: int | None = None  # subset size for image datasets (None: all)
+    n_train: int | None = None  # subset size for fashion_mnist, gaussian, cifar10 (None: all)
     probe_bn: str = "batch"  # how BN normalizes: "batch" (the training network) or "running"
     grad_norms: tuple[str, ...] = ("none", "bn")
     grad_depths: tuple[int, ...] = (5, 10, 20, 30, 50)  # hidden layers
@@ -154,13 +154,7 @@ def grid(config: Config) -> list[dict[str, Any]]:
 
 def _batch(rc: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], int]:
     """A seeded random batch of ``batch_size`` training examples, the input shape and class count."""
-    options = {}
-    if rc["dataset"] in ("fashion_mnist", "cifar10"):
-        if rc.get("data_root"):
-            options["root"] = rc["data_root"]
-        if rc.get("n_train") is not None:
-            options["n_train"] = rc["n_train"]
-    train_set, _ = load_dataset(rc["dataset"], **options)
+    train_set, _ = load_dataset(rc["dataset"], **run_data_options(rc))  # as every other study
     info = dataset_info(train_set)
     generator = torch.Generator().manual_seed(rc["seed"])
     index = torch.randperm(len(train_set), generator=generator)[: rc["batch_size"]]

@@ -99,7 +99,7 @@ class Config:
     # (a) VGG
     vgg_dataset: str = "mnist1d"
     data_root: str | None = None  # directory of fashion_mnist / cifar10 files
-    n_train: int | None = None  # subset sizes for image datasets (None: all)
+    n_train: int | None = None  # subset sizes for fashion_mnist, gaussian, cifar10 (None: all)
     n_test: int | None = None
     vgg_depth: int = 6
     vgg_width: int = 16

@@ -100,7 +100,7 @@ class Config:
     seeds: int = 5
     dataset: str = "mnist1d"
     data_root: str | None = None  # directory of fashion_mnist / cifar10 files
-    n_train: int | None = None  # subset sizes for image datasets (None: all)
+    n_train: int | None = None  # subset sizes for fashion_mnist, gaussian, cifar10 (None: all)
     n_test: int | None = None
     mlp_depth: int = 3
     mlp_width: int = 100

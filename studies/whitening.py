@@ -142,7 +142,7 @@ class Config:
     variants: tuple[str, ...] = VARIANT_ORDER
     dataset: str = "mnist1d"
     data_root: str | None = None  # directory of fashion_mnist / cifar10 files
-    n_train: int | None = None  # subset sizes for image datasets (None: all)
+    n_train: int | None = None  # subset sizes for fashion_mnist, gaussian, cifar10 (None: all)
     n_test: int | None = None
     depth: int = 4
     width: int = 64

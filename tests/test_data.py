@@ -300,6 +300,28 @@ def test_fashion_mnist_bad_file_names_it(tmp_path: Path, corruption, match):
     assert str(bad) in str(err.value)
 
 
+def test_fashion_mnist_files_with_foreign_contents_name_the_file(tmp_path: Path):
+    # a label of 200, 8×8 images or float pixels used to load (and fail far away, or not at all)
+    raw = make_fashion(tmp_path)
+    labels = tmp_path / data.FASHION_MNIST_FILES["test_labels"]
+    write_idx(labels, np.where(np.arange(20) == 3, 200, raw["test_labels"]))
+    with pytest.raises(ValueError, match=r"labels must be 0\.\.9, found 200") as err:
+        load_dataset("fashion_mnist", root=tmp_path)
+    assert str(labels) in str(err.value)
+    make_fashion(tmp_path)
+    images = tmp_path / data.FASHION_MNIST_FILES["train_images"]
+    write_idx(images, np.zeros((60, 8, 8)))
+    with pytest.raises(ValueError, match=r"expected images of \(28, 28\), got \(8, 8\)") as err:
+        load_dataset("fashion_mnist", root=tmp_path)
+    assert str(images) in str(err.value)
+    floats = np.full((60, 28, 28), 1000.0, dtype=">f4")  # IDX type 0x0D: big-endian float32
+    with gzip.open(images, "wb") as f:
+        f.write(struct.pack(">I", 0x0D03) + struct.pack(">3I", 60, 28, 28) + floats.tobytes())
+    with pytest.raises(ValueError, match="expected uint8 values, got float32") as err:
+        load_dataset("fashion_mnist", root=tmp_path, standardize=False)
+    assert str(images) in str(err.value)
+
+
 def test_fashion_mnist_not_gzip_names_it(tmp_path: Path):
     make_fashion(tmp_path)
     bad = tmp_path / data.FASHION_MNIST_FILES["test_labels"]
@@ -440,6 +462,30 @@ def test_cifar10_corrupt_batch_names_it(tmp_path: Path):
     with pytest.raises(ValueError) as err:
         load_dataset("cifar10", root=tmp_path)
     assert str(bad) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        (b"labels", [10, -1, 42, 3] + [0] * 6, r"labels must be 0\.\.9, found -1\.\.42"),
+        (b"data", np.full((10, 3072), 300, dtype=np.int64), r"pixels must be integers 0\.\.255"),  # wrapped
+        (b"data", [[300] * 3072] * 10, r"pixels must be integers 0\.\.255"),  # an OverflowError
+    ],
+)
+def test_cifar10_batch_with_foreign_contents_names_it(tmp_path: Path, field, value, match):
+    make_cifar(tmp_path)
+    bad = tmp_path / "data_batch_2"
+    batch = pickle.loads(bad.read_bytes())
+    batch[field] = value
+    bad.write_bytes(pickle.dumps(batch))
+    with pytest.raises(ValueError, match=match) as err:
+        load_dataset("cifar10", root=tmp_path)
+    assert str(bad) in str(err.value)
+
+
+def test_digits_refuses_a_split_that_leaves_a_class_no_training_example():
+    with pytest.raises(ValueError, match=r"test_fraction=0.998 leaves class 0 \(178 images\) no training"):
+        load_dataset("digits", test_fraction=0.998)  # it gave 0 training examples and a nan test set
 
 
 def test_mnist1d_unwritable_cache_warns_and_still_loads(tmp_path: Path, monkeypatch):

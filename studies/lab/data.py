@@ -17,14 +17,19 @@ subclasses holding ``(inputs float32, labels int64)`` — that also carry a :cla
 | ``cifar10``     | the python pickle batches in a local directory               | ``(N, 3, 32, 32)``|
 
 Nothing here touches the network, writes to the working directory, or changes a global RNG state.
-The only file ever written is MNIST-1D's ``.npz`` cache (see :func:`cache_dir`).
+The only file whybn writes is MNIST-1D's ``.npz`` cache (see :func:`cache_dir`); importing the
+``mnist1d`` package imports matplotlib, which builds its font cache under ``~/.cache/matplotlib`` the
+first time on a machine.
 
 Subsets (``n_train``, ``n_test`` for the image datasets) are *seeded stratified* choices: within each
 class the examples are put in a seeded random order, and the subset takes the first ``n`` of the
 interleaving of these orders, so class counts differ by at most one (while classes last), and the
 subset for ``n`` is contained in the subset for any larger ``n`` with the same ``seed``. The chosen
-examples keep the file's order. Standardization always uses the statistics of the (sub)set returned
-as ``train``, so that ``train`` has mean 0 and standard deviation 1 exactly (per channel for CIFAR-10).
+examples keep the file's order. Standardization uses the statistics of the (sub)set returned as
+``train``, so that ``train`` has mean 0 and standard deviation 1 exactly (per channel for CIFAR-10),
+except for MNIST-1D: the ``mnist1d`` package standardizes over all 5000 samples before its split (two
+scalars from train and test together; train has mean −3.2e-4 and std 0.998), and whybn keeps the
+package's dataset as it is, so that it equals ``make_dataset`` exactly.
 """
 
 from __future__ import annotations
@@ -437,6 +442,18 @@ def _file_key(paths: list[Path]) -> tuple[Any, ...]:
     return tuple(out)
 
 
+def _check_file_contents(path: Path, values: np.ndarray, image_shape: tuple[int, ...] | None) -> None:
+    """A data file holds what its dataset promises: uint8 images of ``image_shape`` (pixels 0..255), or
+    labels 0..9 (``image_shape=None``); ``ValueError`` naming the file otherwise (a damaged or foreign
+    file used to load, with a label of 200 or 8×8 images, and fail far away or not at all)."""
+    if values.dtype != np.uint8:
+        raise ValueError(f"{path}: expected uint8 values, got {values.dtype}")
+    if image_shape is not None and values.shape[1:] != image_shape:
+        raise ValueError(f"{path}: expected images of {image_shape}, got {values.shape[1:]}")
+    if image_shape is None and values.size and values.max() > 9:
+        raise ValueError(f"{path}: labels must be 0..9, found {int(values.max())}")
+
+
 def load_fashion_mnist(
     *,
     root: str | os.PathLike[str] | None = None,
@@ -468,6 +485,8 @@ def load_fashion_mnist(
                     f"{paths[f'{split}_images']} has {len(images)} images but "
                     f"{paths[f'{split}_labels']} has {len(labels)} labels"
                 )
+            _check_file_contents(paths[f"{split}_images"], images, (28, 28))
+            _check_file_contents(paths[f"{split}_labels"], labels, None)
         return raw
 
     raw = _memoized(("fashion_mnist", _file_key(list(paths.values()))), read)
@@ -515,6 +534,10 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0, standardize: bool 
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         n_test_c = max(1, round(test_fraction * len(idx)))
+        if n_test_c >= len(idx):
+            raise ValueError(
+                f"test_fraction={test_fraction!r} leaves class {c} ({len(idx)} images) no training example"
+            )
         test_mask[rng.choice(idx, size=n_test_c, replace=False)] = True
     x_train, x_test = images[~test_mask, None], images[test_mask, None]  # (N, 1, 8, 8)
     if standardize:
@@ -622,14 +645,21 @@ def _read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
             batch = pickle.load(f, encoding="bytes")
-        data = batch.get(b"data", batch.get("data"))
-        labels = batch.get(b"labels", batch.get("labels"))
-        data = np.asarray(data, dtype=np.uint8)
-        labels = np.asarray(labels, dtype=np.int64)
-    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as err:
+        data = np.asarray(batch.get(b"data", batch.get("data")))
+        labels = np.asarray(batch.get(b"labels", batch.get("labels")), dtype=np.int64)
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, OverflowError) as err:
         raise ValueError(f"{path}: not a CIFAR-10 python batch ({type(err).__name__}: {err})") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (data.shape[0],):
         raise ValueError(f"{path}: expected data (n, 3072) and n labels, got {data.shape} and {labels.shape}")
+    if data.dtype != np.uint8 and (
+        not np.issubdtype(data.dtype, np.integer) or (data.size and (data.min() < 0 or data.max() > 255))
+    ):
+        raise ValueError(
+            f"{path}: pixels must be integers 0..255, got {data.dtype} in [{data.min()}, {data.max()}]"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise ValueError(f"{path}: labels must be 0..9, found {int(labels.min())}..{int(labels.max())}")
+    data = data.astype(np.uint8)
     return data.reshape(-1, 3, 32, 32), labels  # (n, C, H, W)
 
 
