@@ -50,7 +50,7 @@ from analysis.tables import (
     macro_lines,
     scoreboard_table,
 )
-from studies.lab.store import RECORD_FIELDS, write_atomic
+from studies.lab.store import RECORD_FIELDS, RunStore, write_atomic
 from studies.lab.study import Study
 
 __all__ = [
@@ -109,20 +109,19 @@ def study_results(study: Study, results: Path, preset: str) -> StudyResults:
     for name in study.figures:
         path = base / "figures" / f"{name}.pdf"
         figures[name] = path if path.is_file() else None
-    config, planned = _sweep(base)
+    config, planned = _sweep(study, results, preset)
     runs = base / "runs"
     done = [p.parent.name for p in runs.glob("*/DONE")] if runs.is_dir() else []
     n_done = sum(1 for run_id in done if planned is None or run_id in planned)
     return StudyResults(study, base, claims, figures, config, n_done)
 
 
-def _sweep(base: Path) -> tuple[dict[str, Any], set[str] | None]:
-    """The config and planned run ids of the last sweep under ``base`` (``sweep.json``); the runs are
+def _sweep(study: Study, results: Path, preset: str) -> tuple[dict[str, Any], set[str] | None]:
+    """The config and planned run ids of the study's last sweep (``RunStore.read_sweep``); the runs are
     None without one (all runs on disk count)."""
-    sweep = base / "sweep.json"
-    if not sweep.is_file():
+    saved = RunStore(results, study.name, preset).read_sweep()
+    if saved is None:
         return {}, None
-    saved = json.loads(sweep.read_text())
     return saved.get("config", {}), (set(saved["runs"]) if "runs" in saved else None)
 
 
@@ -170,7 +169,7 @@ def default_summary(df: pd.DataFrame, grid: Sequence[str]) -> pd.DataFrame:
 def _load(study: Study, results: Path, preset: str) -> pd.DataFrame:
     columns = tuple(dict.fromkeys([*study.config_columns, *_grid_keys(study)]))
     columns = tuple(c for c in columns if c not in RECORD_FIELDS)
-    _, planned = _sweep(Path(results) / study.name / preset)  # the figures' runs, not an older config's
+    _, planned = _sweep(study, results, preset)  # the figures' runs, not an older config's
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unfinished runs: `whybn run` reports those
         return load_runs(results, study.name, preset, config_columns=columns, run_ids=planned)

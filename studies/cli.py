@@ -72,10 +72,8 @@ def _config_from_dict(preset: Any, saved: dict[str, Any]) -> Any:
 
 def _saved_config(study: Study, store: RunStore) -> Any:
     preset = study.preset(store.preset)
-    path = store.base / "sweep.json"
-    if path.is_file():
-        return _config_from_dict(preset, json.loads(path.read_text())["config"])
-    return preset
+    saved = store.read_sweep()
+    return preset if saved is None else _config_from_dict(preset, saved["config"])
 
 
 def cmd_list(args: argparse.Namespace) -> int:

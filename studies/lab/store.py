@@ -69,6 +69,7 @@ LOCKS = ".locks"
 CONFIG = "config.json"
 ENV = "env.json"
 RECORDS = "records.jsonl"
+SWEEP = "sweep.json"  # in <study>/<preset>/: the last sweep's config and planned run ids
 
 #: The states of a run (``RunStore.state``), in the order ``whybn status`` lists them.
 RUN_STATES = ("done", "diverged", "running", "failed", "interrupted", "pending")
@@ -318,6 +319,12 @@ class RunStore:
 
     def is_done(self, run_id: str) -> bool:
         return (self.run_dir(run_id) / DONE).is_file()
+
+    def read_sweep(self) -> dict[str, Any] | None:
+        """What the last sweep here saved (:data:`SWEEP`): ``{"config": ..., "runs": [run ids]}``, or None
+        if no sweep ran here."""
+        path = self.base / SWEEP
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def run_ids(self, *, done: bool | None = None) -> list[str]:
         """Run ids present on disk (all, only finished, or only unfinished)."""

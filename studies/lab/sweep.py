@@ -34,7 +34,7 @@ import cloudpickle
 import numpy as np
 import submitit
 
-from studies.lab.store import RUN_STATES, RunStore, environment, make_run_id, write_json
+from studies.lab.store import RUN_STATES, SWEEP, RunStore, environment, make_run_id, write_json
 from studies.lab.study import RunContext, Study
 
 __all__ = [
@@ -353,9 +353,7 @@ def run_sweep(
     submitter = (
         _submitit_executor(executor, store, ctx, threads) if todo and executor.kind != "local" else None
     )
-    write_json(
-        store.base / "sweep.json", {"config": dataclasses.asdict(config), "runs": [r for r, _ in planned]}
-    )
+    write_json(store.base / SWEEP, {"config": dataclasses.asdict(config), "runs": [r for r, _ in planned]})
     position = {run_id: i for i, (run_id, _) in enumerate(planned, start=1)}
 
     serial = executor.kind == "local" and executor.workers == 1
