@@ -465,14 +465,16 @@ def sweep_status(study: Study, config: Any, store: RunStore) -> dict[str, list[s
 
 
 def analyze_study(study: Study, config: Any, store: RunStore) -> list[Path]:
-    """Draw the study's figures and write claims.json from the finished runs of ``config``'s grid in
-    ``store``. Runs of another config in the same directory (an earlier sweep with other steps or
-    another grid) are left out, with a warning that counts them."""
+    """Draw the study's figures and write claims.json from the finished runs of the last sweep in
+    ``store`` (the run ids its ``sweep.json`` lists; every finished run where there is none). Runs of
+    another config in the same directory (an earlier sweep with other steps or another grid) are left
+    out, with a warning that counts them."""
     from analysis.claims import write_claims
     from analysis.load import load_runs
 
-    planned = [run_id for run_id, _ in plan_runs(study, config)]
-    others = sorted(set(store.run_ids()) - set(planned))
+    saved = store.read_sweep()
+    planned = saved.get("runs") if saved is not None else None
+    others = sorted(set(store.run_ids()) - set(planned)) if planned is not None else []
     if others:
         warnings.warn(
             f"{study.name}: {len(others)} run(s) under {store.runs_dir} belong to another config and are "
