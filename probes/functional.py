@@ -15,7 +15,7 @@ import random
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,7 @@ __all__ = [
     "FunctionalLoss",
     "ModelState",
     "as_batches",
+    "as_int",
     "check_bn",
     "check_loss",
     "eval_mode",
@@ -94,7 +95,9 @@ class ModelState:
     """A deep snapshot of everything a probe must not change.
 
     ``slots`` holds the tensor objects themselves (not copies): a probe must leave every parameter
-    and buffer *object* in place, not only its values, since optimizers and user code hold them."""
+    and buffer *object* in place, not only its values, since optimizers and user code hold them.
+    ``grad_objects`` likewise holds each ``.grad`` object (``grads`` its values): code that kept a
+    reference to a gradient (a gradient bucket's view, a hook's list) still sees the model's."""
 
     parameters: dict[str, torch.Tensor]
     buffers: dict[str, torch.Tensor]
@@ -103,6 +106,7 @@ class ModelState:
     grads: dict[str, torch.Tensor | None]
     rng: dict[str, Any]
     slots: tuple[tuple[str, nn.Module, str, str, Tensor], ...] = ()
+    grad_objects: dict[str, torch.Tensor | None] = field(default_factory=dict)
 
     @classmethod
     def capture(cls, model: nn.Module) -> ModelState:
@@ -115,6 +119,7 @@ class ModelState:
             grads={n: None if p.grad is None else p.grad.detach().clone() for n, p in params.items()},
             rng=_rng_state(),
             slots=tuple(tensor_slots(model)),
+            grad_objects={n: p.grad for n, p in params.items()},
         )
 
     def differences(self, model: nn.Module) -> list[str]:
@@ -123,6 +128,12 @@ class ModelState:
             f"{kind.strip('_')}: {name} is another tensor object"
             for name, module, kind, attr, t in self.slots
             if getattr(module, kind).get(attr) is not t
+        ]
+        params = dict(model.named_parameters(remove_duplicate=False))
+        diffs += [
+            f"grads: {name} is another tensor object"
+            for name, g in self.grad_objects.items()
+            if g is not None and name in params and params[name].grad is not g
         ]
         now = ModelState.capture(model)
         for kind in ("parameters", "buffers", "grads"):
@@ -164,9 +175,13 @@ class ModelState:
                 p.copy_(self.parameters[name])
                 if p.requires_grad != self.requires_grad[name]:
                     p.requires_grad_(self.requires_grad[name])
-                saved = self.grads[name]
-                if saved is not None or p.grad is not None:
-                    p.grad = None if saved is None else saved.clone()
+                saved, original = self.grads[name], self.grad_objects.get(name)
+                if original is None:  # a snapshot without gradient objects: their values
+                    original = None if saved is None else saved.clone()
+                if p.grad is not original:
+                    p.grad = original
+                if saved is not None:
+                    original.copy_(saved)  # a probe may have written into the object itself
             for name, b in model.named_buffers(remove_duplicate=False):
                 b.copy_(self.buffers[name])
         for name, m in model.named_modules():
@@ -195,6 +210,12 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, flag in flags.items():
             m.training = flag
+
+
+def as_int(value: Any) -> Any:
+    """A numpy integer (``np.int64``, as ``len(np.unique(labels))``-style code gives) as a Python int;
+    anything else unchanged, for the argument check that follows to accept or name."""
+    return int(value) if isinstance(value, np.integer) else value
 
 
 def check_bn(bn: str) -> None:
@@ -681,7 +702,14 @@ def simulate_optimizer_step(
 
     The copy's memo maps each real parameter to a fresh clone, so the copied ``param_groups`` and
     ``state`` (momentum buffers, Adam moments, step counts) refer to the clones only; the real
-    optimizer and parameters are not touched. Parameters with no gradient are skipped (as ``step`` does).
+    optimizer and parameters are not touched. Parameters with no gradient (``None``: the loss does not
+    depend on them) are skipped, as ``step`` skips a parameter whose ``.grad`` is None.
+
+    The step is the optimizer's update rule alone: no step hook runs, neither the optimizer's own
+    (``register_step_pre_hook``/``register_step_post_hook``) nor torch's global ones
+    (``register_optimizer_step_pre_hook``/``_post_hook``), since a hook may log, count or change
+    other state, and no real step is taken. A projection done in a post-hook (a max-norm
+    constraint) is therefore not part of W'.
     """
     by_id = {id(p): name for name, p in params.items()}
     clones: dict[str, Tensor] = {}
@@ -695,10 +723,12 @@ def simulate_optimizer_step(
                 clones[name] = clone
             memo[id(p)] = clone
     shadow = copy.deepcopy(optimizer, memo)
-    shadow._optimizer_step_pre_hooks.clear()  # the copy's own hooks only; the real ones stay
-    shadow._optimizer_step_post_hooks.clear()
+    # the class's step without torch's hook wrapper (Optimizer.profile_hook_step, which runs the global
+    # and the optimizer's own step hooks); an instance-level wrapper (an LR scheduler's) is bypassed too
+    step = type(shadow).step
+    update = step.__wrapped__ if getattr(step, "hooked", False) else step
     with torch.no_grad():
-        shadow.step()
+        update(shadow)
     return {name: c.detach() for name, c in clones.items()}
 
 

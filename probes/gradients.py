@@ -57,9 +57,9 @@ BN_RELU_GRADIENT_GROWTH = math.sqrt(math.pi / (math.pi - 1))
 # ------------------------------------------------------------------------------------------ layers
 
 
-def _forward_order(model: nn.Module, names: list[str], x: Tensor, bn: str) -> list[str]:
-    """``names`` sorted by the first call of their module in one (guarded, gradient-free) forward pass;
-    those never called (an auxiliary head the forward pass skips) are left out."""
+def _first_calls(model: nn.Module, names: list[str], x: Tensor, bn: str) -> dict[str, int]:
+    """{name: rank of its module's first call} in one (guarded, gradient-free) forward pass; a module
+    never called (an auxiliary head the forward pass skips) is absent."""
     modules = dict(model.named_modules())
     order: dict[str, int] = {}
 
@@ -76,9 +76,7 @@ def _forward_order(model: nn.Module, names: list[str], x: Tensor, bn: str) -> li
     finally:
         for h in handles:
             h.remove()
-    if not order:
-        raise ValueError(f"layers: none of the model's parameterized layers ran: {', '.join(names)}")
-    return sorted(order, key=order.__getitem__)
+    return order
 
 
 def ordered_layers(
@@ -95,8 +93,10 @@ def ordered_layers(
     ``layers=None``: every parameterized layer of ``model``, in forward order when ``example`` inputs
     are given, less those the forward pass never calls (else registration order): an auxiliary head;
     never ``nn.MultiheadAttention``'s ``out_proj``, whose weight is part of the attention's
-    (name it to measure it alone); otherwise the named modules or modules, in the order given.
-    ``ValueError`` when the model has none, or a requested layer is unknown or owns no weight.
+    (name it to measure it alone); otherwise the named modules or modules: in forward order when
+    ``example`` is given (named layers the forward pass never calls last, in the order given), else
+    in the order given. ``ValueError`` when the model has none, or a requested layer is unknown or
+    owns no weight.
     """
     check_bn(bn)
     named = dict(model.named_modules())
@@ -109,8 +109,12 @@ def ordered_layers(
                 "with ≥ 2 dimensions)"
             )
         if example is not None:
-            kinds = dict(found)
-            found = [(n, kinds[n]) for n in _forward_order(model, list(kinds), example, bn)]
+            order = _first_calls(model, [n for n, _ in found], example, bn)
+            if not order:
+                raise ValueError(
+                    f"layers: none of the model's parameterized layers ran: {', '.join(n for n, _ in found)}"
+                )
+            found = sorted((layer for layer in found if layer[0] in order), key=lambda nk: order[nk[0]])
         return found
     if isinstance(layers, str | nn.Module) or not isinstance(layers, Iterable):
         raise ValueError(f"layers: expected a list of module names or modules, got {layers!r}")
@@ -137,6 +141,9 @@ def ordered_layers(
         raise ValueError("layers: empty selection")
     if len({n for n, _ in result}) != len(result):
         raise ValueError(f"layers: duplicate layers {[n for n, _ in result]}")
+    if example is not None:
+        order = _first_calls(model, [n for n, _ in result], example, bn)
+        result.sort(key=lambda nk: order.get(nk[0], math.inf))  # stable: never-called ones keep their order
     return result
 
 
@@ -178,11 +185,28 @@ def _common_lr(lrs: list[float]) -> float:
 
 def _gradient(
     model: nn.Module, loss_fn: LossFn, pairs: list[tuple[Tensor, Tensor]], names: list[str], bn: str
-) -> tuple[float, dict[str, Tensor]]:
-    """(L(θ), {name: ∇_name L}) of the sample-weighted mean loss; call inside ``probe_guard``."""
+) -> tuple[float, dict[str, Tensor | None]]:
+    """(L(θ), {name: ∇_name L}) of the sample-weighted mean loss, ``None`` for a parameter L does not
+    depend on (an auxiliary head the forward pass skips: autograd gives it no gradient, and an
+    optimizer's ``step`` leaves it alone); call inside ``probe_guard``."""
     f = FunctionalLoss(model, loss_fn, pairs, resolve_params(model, names), bn)
-    loss, grad = f.value_and_grad(f.theta0)
-    return loss, {n: t.clone() for n, t in f.unflatten(grad).items()}
+    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in f.unflatten(f.theta0).items()}
+
+    def forward_backward() -> tuple[Tensor, tuple[Tensor | None, ...]]:
+        loss = f(leaves)
+        return loss, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+
+    with torch.enable_grad():
+        loss, grads = f.bound(leaves, forward_backward)
+    return float(loss.detach()), {
+        n: None if g is None else g.detach() for n, g in zip(leaves, grads, strict=True)
+    }
+
+
+def _dense(grads: dict[str, Tensor | None], name: str, like: Tensor) -> Tensor:
+    """``grads[name]``, or zeros shaped like the parameter where L does not depend on it."""
+    g = grads[name]
+    return torch.zeros_like(like.detach()) if g is None else g
 
 
 def _norm(t: Tensor) -> float:
@@ -252,16 +276,17 @@ def layer_gradient_norms(
     ≈ 1.21 per layer for large width and batch. The fit log‖∇W_l‖ = a + l·log r (l the depth counted
     from the output) gives r; the input and output layers have other fan-in/fan-out, so pass the hidden
     layers in ``layers`` to compare with theory. L is the weighted mean loss over ``batches`` in norm
-    mode ``bn``; the model is left exactly as found. With ``layers=None`` one extra gradient-free
-    forward pass of the first batch finds the forward order.
+    mode ``bn``; the model is left exactly as found. One extra gradient-free forward pass of the
+    first batch puts the layers in forward order, those named in ``layers`` too (the fit reads their
+    order as depth: the same layers listed output first would give 1/r).
     """
     pairs = as_batches(batches)
-    chosen = ordered_layers(model, layers, example=pairs[0][0] if layers is None else None, bn=bn)
+    chosen = ordered_layers(model, layers, example=pairs[0][0], bn=bn)
     names = _weight_names(model, chosen)
     params = dict(model.named_parameters())
     with probe_guard(model):
         loss, grads = _gradient(model, loss_fn, pairs, list(dict.fromkeys(n for ns in names for n in ns)), bn)
-    g = np.array([_joint_norm(grads[n] for n in ns) for ns in names])
+    g = np.array([_joint_norm(_dense(grads, n, params[n]) for n in ns) for ns in names])
     w = np.array([_joint_norm(params[n].detach() for n in ns) for ns in names])
     with np.errstate(divide="ignore", invalid="ignore"):
         ratios = g[:-1] / g[1:]
@@ -305,10 +330,10 @@ def _owned_layers(
 ) -> tuple[list[tuple[str, tuple[str, ...]]], list[tuple[str, ...]]]:
     """The layers an optimizer-based probe reports, and their weights' qualified names.
 
-    ``layers=None``: the parameterized layers whose weight (all its parameters) ``optimizer`` holds (a
-    frozen layer, or one trained by another optimizer, has no step to report); ``ValueError`` if there
-    is none. Layers named explicitly must all be the optimizer's (``ValueError`` naming the weight
-    parameters it does not hold)."""
+    ``layers=None``: the parameterized layers whose weight (all its parameters) ``optimizer`` holds
+    (a layer left out of it, frozen or trained by another optimizer, has no step to report);
+    ``ValueError`` if there is none. Layers named explicitly must all be the optimizer's
+    (``ValueError`` naming the weight parameters it does not hold)."""
     names = _weight_names(model, chosen)
     held = set(owned.values())
     if layers is not None:
@@ -370,9 +395,13 @@ def update_to_weight_ratios(
     (van Laarhoven 2017; Arora, Li & Lyu 2019; Hoffer et al. 2018): for SGD, ΔW = −η(∇L + λW + μ·buf).
     The gradient is that of the weighted mean loss over ``batches`` in norm mode ``bn``; the step is
     simulated (:func:`simulated_step`) on copies of the parameters and of the optimizer's state.
-    ``layers=None``: every parameterized layer whose weight the optimizer holds, in forward order
-    (frozen layers are skipped). ``ValueError`` if the optimizer holds a parameter that is not the
-    model's, holds no layer's weight, or misses a layer named in ``layers``.
+    ``layers=None``: every parameterized layer whose weight the optimizer holds, in forward order (a
+    layer left out of the optimizer is skipped; a frozen layer the optimizer holds is listed, with
+    the update its step gives it: none for SGD and Adam, which skip a parameter without gradient).
+    A parameter the loss does not depend on (an auxiliary head the forward pass skips) gets no
+    gradient, as in ``loss.backward()`` after ``zero_grad()``, and no update. ``ValueError`` if the
+    optimizer holds a parameter that is not the model's, holds no layer's weight, or misses a layer
+    named in ``layers``.
     """
     pairs = as_batches(batches)
     chosen = ordered_layers(model, layers, example=pairs[0][0] if layers is None else None, bn=bn)
@@ -421,8 +450,9 @@ def effective_learning_rates(
     η is the current ``lr`` of the param group holding W (a scheduler's value included; ``nan`` for a
     layer whose weight matrices, as an LSTM's, sit in groups of different rates). The formula
     is only meaningful for scale-invariant layers (check with :func:`scale_invariance`) and SGD-like
-    updates; ``layers=None`` lists every parameterized layer whose weight the optimizer holds (frozen
-    layers are skipped), in registration order. Reads only.
+    updates; ``layers=None`` lists every parameterized layer whose weight the optimizer holds (a
+    layer left out of the optimizer is skipped), in registration order: with no batch to run, also
+    a layer the forward pass never calls. Reads only.
     """
     chosen = ordered_layers(model, layers)
     owned = optimizer_param_names(model, optimizer)
@@ -505,7 +535,7 @@ def scale_invariance(
         with torch.no_grad():
             changes = np.array([abs(float(f(float(c) * f.theta0)) - loss) for c in cs])
     params = dict(model.named_parameters())
-    grad = torch.cat([grads[n].reshape(-1) for n in names])
+    grad = torch.cat([_dense(grads, n, params[n]).reshape(-1) for n in names])
     w = torch.cat([params[n].detach().reshape(-1) for n in names])
     grad_norm = _norm(grad)
     denom = grad_norm * _norm(w)

@@ -52,8 +52,11 @@ class Landscape:
     Summaries: ``loss_range`` = max − min of L over {w} ∪ {w − ηg} (the current point is included, so
     a single step size still has a range); ``max_grad_distance`` = max_η ‖g − ∇L(w − ηg)‖ ("gradient
     predictiveness", smaller is more predictive); ``beta_eff`` = max_η ‖g − ∇L(w − ηg)‖/‖ηg‖
-    (effective β-smoothness). Each summary is ``inf`` when some point diverged, and ``beta_eff`` is
-    ``nan`` when g = 0. ``loss`` = L(w), ``grad_norm`` = ‖g‖, ``n_grad_evals`` = K + 1.
+    (effective β-smoothness). A summary is ``inf`` when one of the values it takes the range or
+    maximum of is not finite: ``loss_range`` when a loss is, ``max_grad_distance`` and ``beta_eff``
+    when a gradient is (a point whose loss is finite but whose gradient is not counts in
+    ``n_diverged`` and leaves ``loss_range`` finite); ``beta_eff`` is ``nan`` when g = 0.
+    ``loss`` = L(w), ``grad_norm`` = ‖g‖, ``n_grad_evals`` = K + 1.
     """
 
     step_sizes: np.ndarray

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from probes.functional import (
     FunctionalLoss,
@@ -321,4 +322,52 @@ def test_every_probe_names_a_batch_of_one_under_batch_mode(probe):
     state = ModelState.capture(net)
     with pytest.raises(ValueError, match=r"^batches: a batch.*one value per channel under bn='batch'"):
         _probe_calls()[probe](net, (x[:1], y[:1]), opt)
+    assert state.differences(net) == []
+
+
+@pytest.mark.parametrize("probe", list(_probe_calls()))
+def test_every_probe_keeps_the_gradient_objects_and_runs_no_optimizer_hook(probe):
+    """Code that holds a parameter's ``.grad`` (a gradient bucket's view, a logger) still holds the
+    model's gradient after a probe: the same object with the same values (the guard used to put back
+    copies). The simulated optimizer step is the update rule alone: neither torch's global step hooks
+    nor the optimizer's own run (a global step counter saw a phantom step)."""
+    net = tiny_net("mlp", "bn")
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    batch = make_batch("mlp", 8, seed=3)
+    F.cross_entropy(net(batch[0]), batch[1]).backward()  # .grad present, as just before opt.step()
+    held = {name: p.grad for name, p in net.named_parameters()}
+    values = {name: g.clone() for name, g in held.items()}
+    calls = []
+    hooks = [
+        register_optimizer_step_pre_hook(lambda *a: calls.append("global pre")),
+        register_optimizer_step_post_hook(lambda *a: calls.append("global post")),
+        opt.register_step_pre_hook(lambda *a: calls.append("own pre")),
+        opt.register_step_post_hook(lambda *a: calls.append("own post")),
+    ]
+    state = ModelState.capture(net)
+    try:
+        _probe_calls()[probe](net, batch, opt)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == []
+    assert state.differences(net) == []
+    for name, p in net.named_parameters():
+        assert p.grad is held[name], name
+        assert torch.equal(p.grad, values[name]), name
+
+
+def test_the_guard_names_a_replaced_gradient_object_and_puts_it_back():
+    net = tiny_net("mlp", "bn")
+    batch = make_batch("mlp", 8, seed=3)
+    F.cross_entropy(net(batch[0]), batch[1]).backward()
+    p = net.head.weight
+    held, value = p.grad, p.grad.clone()
+    state = ModelState.capture(net)
+    p.grad = p.grad.clone()
+    p.grad.add_(1.0)
+    held.add_(2.0)  # written through the object itself too
+    assert "grads: head.weight is another tensor object" in state.differences(net)
+    state.restore(net)
+    assert p.grad is held and torch.equal(held, value)
     assert state.differences(net) == []

@@ -15,6 +15,7 @@ from probes.functional import ModelState
 from probes.gradients import (
     BN_RELU_GRADIENT_GROWTH,
     effective_learning_rates,
+    growth_rate,
     layer_gradient_norms,
     ordered_layers,
     scale_invariance,
@@ -347,3 +348,51 @@ def test_an_attached_lr_scheduler_does_not_step_the_real_optimizer():
     for layer, ratio in zip(result.layers, result.ratios, strict=True):
         w, w2 = net.get_submodule(layer).weight.detach(), twin.get_submodule(layer).weight.detach()
         assert ratio == pytest.approx(float((w2 - w).norm() / w.norm()), rel=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_a_weight_the_loss_does_not_use_gets_no_update_as_in_a_real_step(kind):
+    """``loss.backward()`` leaves a parameter outside the graph (an auxiliary head the forward pass
+    skips) without ``.grad``, and ``step`` skips it: no momentum, weight decay or Adam moment moves it.
+    The simulated step must do the same (it used to step a zero gradient: ‖ΔW‖/‖W‖ = 0.06 with SGD
+    momentum and 1e-3 with AdamW's weight decay, where the real step gives 0)."""
+    net = mlp("bn")
+    net.aux = nn.Linear(4, 3).double()  # registered, never called
+    if kind == "sgd":
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    else:
+        opt = torch.optim.AdamW(net.parameters(), lr=0.01, weight_decay=0.1)
+    train_step(net, opt, make_batch("mlp", 8, seed=5))
+    with torch.no_grad():  # state for aux, as if it had once been trained (a head used earlier)
+        opt.state[net.aux.weight].update(copy.deepcopy(opt.state[net.head.weight]))
+        opt.state[net.aux.bias].update(copy.deepcopy(opt.state[net.head.bias]))
+    batch = make_batch("mlp", 8, seed=4)
+    r = update_to_weight_ratios(net, F.cross_entropy, batch, opt, layers=["blocks.0.layer", "head", "aux"])
+
+    real, real_opt = copy.deepcopy((net, opt))  # one deepcopy: the copy's state refers to its parameters
+    train_step(real, real_opt, batch)
+    expected = []
+    for name in r.layers:
+        before, after = net.get_submodule(name).weight.detach(), real.get_submodule(name).weight.detach()
+        expected.append(float((after - before).norm() / before.norm()))
+    assert real.aux.weight.grad is None and expected[-1] == 0.0
+    np.testing.assert_allclose(r.ratios, expected, rtol=1e-9, atol=0)
+
+
+def test_named_layers_are_measured_in_forward_order():
+    """The growth rate reads the order of the layers as depth: the same layers named output first
+    gave 1/r (0.729 for 1.372). Named layers are put in forward order, as the default selection is."""
+    torch.manual_seed(0)
+    net = make_net("mlp", norm="bn", in_shape=(3,), num_classes=3, depth=4, width=6).double()
+    batch = make_batch("mlp", 16, seed=2)
+    names = ["blocks.1.layer", "blocks.2.layer", "blocks.3.layer"]
+    forward = layer_gradient_norms(net, F.cross_entropy, batch, layers=names)
+    backward = layer_gradient_norms(net, F.cross_entropy, batch, layers=names[::-1])
+    assert forward.layers == backward.layers == tuple(names)
+    np.testing.assert_array_equal(backward.grad_norms, forward.grad_norms)
+    assert backward.growth_rate == forward.growth_rate
+    assert forward.growth_rate == pytest.approx(growth_rate(forward.grad_norms))
+    # a named layer the forward pass never calls comes last, with its zero gradient
+    net.aux = nn.Linear(6, 3).double()
+    with_aux = layer_gradient_norms(net, F.cross_entropy, batch, layers=["aux", *names[::-1]])
+    assert with_aux.layers == (*names, "aux") and with_aux.grad_norms[-1] == 0.0

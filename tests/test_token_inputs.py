@@ -99,5 +99,6 @@ def test_multihead_attention_is_a_layer_and_its_out_proj_is_named_not_guessed():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     assert effective_learning_rates(model, opt).layers == ("attn", "head")  # out_proj: inside attn's weight
     named = layer_gradient_norms(model, F.cross_entropy, (x, y), layers=["attn.out_proj", "head"])
-    assert named.grad_norms[0] == pytest.approx(float(g_out.norm()), rel=1e-12)
+    assert named.layers == ("head", "attn.out_proj")  # forward order; never called as a module: last
+    assert named.grad_norms[1] == pytest.approx(float(g_out.norm()), rel=1e-12)
     assert state.differences(model) == []
