@@ -30,7 +30,10 @@ forward-execution order.
 
 **What "preceding" means.** During the full-gradient evaluation one clock orders two kinds of events:
 each module's first forward call (a forward pre-hook) and each parameter's first *read*, the first
-torch operation that takes the parameter as an argument (a ``TorchFunctionMode``). Layer i starts at
+torch operation that takes the parameter's values as an argument (a ``TorchFunctionMode``). Uses
+of a parameter for its metadata alone are not reads: its size or dtype, a template for another
+tensor's dtype and device (``x.type_as(w)``, ``x.to(w)``) or shape (``x.view_as(w)``), or for a
+new tensor's (``torch.zeros_like(w)``, ``w.new_zeros(n)``). Layer i starts at
 its module's first call; the parameters updated for it are all trainable parameters first read before
 that: earlier layers' weights and biases *and* the affine parameters of norm layers (or of any other
 module) that ran before it. So a BN layer's γ, β right after layer j < i are part of the network
@@ -203,9 +206,11 @@ def ics_gradient_change(
     on the same ``batch`` (an ``(inputs, targets)`` pair, or several: the sample-weighted mean loss).
     W'_j = the step ``optimizer`` (``torch.optim.SGD``/``Adam``/``AdamW``, any momentum, Nesterov,
     weight decay, AMSGrad) would take from the current gradient ∇L and its current state, simulated on
-    a deep copy. "Preceding" = every trainable parameter whose module first ran before layer i (norm
-    affine parameters included). Reports ``l2`` = ‖G − G'‖₂, ``relative_l2`` = ‖G − G'‖/‖G‖ and
-    ``cosine`` = cos(G, G').
+    a deep copy (the update rule alone: no step hook runs, see
+    :func:`probes.functional.simulate_optimizer_step`). "Preceding" = every trainable parameter the
+    forward pass first reads before layer i runs, wherever it is registered (norm affine parameters
+    included; the module docstring). Reports ``l2`` = ‖G − G'‖₂, ``relative_l2`` = ‖G − G'‖/‖G‖
+    and ``cosine`` = cos(G, G').
 
     ``bn``: ``"batch"`` (the training loss, no running-statistic update) or ``"running"`` (eval mode).
     ``layers``: restrict to some parameterized layers (names, modules or types). Cost: one full
@@ -302,7 +307,27 @@ class _Clock:
 
 
 #: Tensor methods and properties that read a tensor's metadata, not its values: not a "read".
-_METADATA = frozenset({"__get__", "size", "dim", "numel", "ndimension", "nelement", "is_floating_point"})
+_METADATA = frozenset({
+    "__get__", "size", "dim", "numel", "ndimension", "nelement", "is_floating_point", "is_complex",
+    "element_size", "stride", "storage_offset", "is_contiguous", "get_device",
+})  # fmt: skip
+#: Operations that read the values of their first argument only, the rest as a template (its dtype
+#: and device, or its shape).
+_FIRST_READ = frozenset({"type_as", "to", "view_as", "reshape_as", "expand_as"})
+#: Operations that read their first argument's metadata only (shape, dtype, device), the rest fully.
+_FIRST_TEMPLATE = frozenset({"new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"})
+
+
+def _read_arguments(func: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """The arguments of ``func`` whose values it reads (for :class:`_FirstReads`)."""
+    name = getattr(func, "__name__", None)
+    if name in _METADATA:
+        return ()
+    if name in _FIRST_READ:
+        return args[:1]
+    if name in _FIRST_TEMPLATE or (name or "").endswith("_like"):  # zeros_like, randn_like, full_like
+        return (args[1:], kwargs)
+    return (args, kwargs)
 
 
 class _FirstReads(TorchFunctionMode):
@@ -316,13 +341,12 @@ class _FirstReads(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if getattr(func, "__name__", None) not in _METADATA:
-            tick = None
-            for leaf in tree_leaves((args, kwargs)):
-                name = self.watched.get(id(leaf)) if isinstance(leaf, Tensor) else None
-                if name is not None and name not in self.first:
-                    tick = tick or self.clock()
-                    self.first[name] = tick
+        tick = None
+        for leaf in tree_leaves(_read_arguments(func, args, kwargs)):
+            name = self.watched.get(id(leaf)) if isinstance(leaf, Tensor) else None
+            if name is not None and name not in self.first:
+                tick = tick or self.clock()
+                self.first[name] = tick
         return func(*args, **kwargs)
 
 
@@ -340,7 +364,8 @@ def _dense(grad: Tensor | None, like: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class LayerInputStatistics:
-    """Per-unit statistics of one layer's input (units = dim 1; batch and spatial positions pooled).
+    """Per-unit statistics of one layer's input (units = dim 1, or the last axis for a layer whose
+    weight is a matrix, :func:`probes.activations.feature_axis`; the other axes pooled as samples).
 
     ``sorted_samples`` ``(units, samples)``: each unit's input values in ascending order, the empirical
     distribution that :func:`wasserstein1` compares. Variances are population variances (ddof = 0, as
@@ -462,6 +487,8 @@ def unit_statistics(layer: str, samples: Tensor, percentiles: Sequence[float]) -
     mean, population variance, percentiles (linear interpolation) and sorted samples, in float64,
     computed on the samples' device and returned as numpy arrays."""
     levels = tuple(float(q) for q in percentiles)
+    if samples.dim() != 2 or samples.shape[0] == 0 or samples.shape[1] == 0:
+        raise ValueError(f"samples: expected a non-empty (units, samples) tensor, got {tuple(samples.shape)}")
     samples = samples.double()
     ordered = torch.sort(samples, dim=1).values
     q = torch.tensor(levels, dtype=torch.float64, device=samples.device) / 100
@@ -479,13 +506,16 @@ def wasserstein1(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """W1 between the empirical distributions of each row of ``a`` ``(units, n)`` and ``b`` ``(units, m)``.
 
     W1(P, Q) = ∫₀¹ |F_P⁻¹(u) − F_Q⁻¹(u)| du with the empirical quantile functions
-    F⁻¹(u) = x_(⌈u n⌉) of the sorted samples (rows must be sorted ascending). Exact for any n, m: the
-    integrand is constant between consecutive breakpoints {k/n} ∪ {l/m}; for n = m it is
-    mean_k |a_(k) − b_(k)|.
+    F⁻¹(u) = x_(⌈u n⌉) of the sorted samples. Exact for any n, m: the integrand is constant between
+    consecutive breakpoints {k/n} ∪ {l/m}; for n = m it is mean_k |a_(k) − b_(k)|. Rows are sorted
+    here where they are not (the ``sorted_samples`` of :class:`LayerInputStatistics` are).
     """
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
         raise ValueError(f"expected (units, samples) arrays with the same units, got {a.shape} and {b.shape}")
+    if a.shape[1] == 0 or b.shape[1] == 0:
+        raise ValueError(f"expected at least one sample per unit, got {a.shape} and {b.shape}")
+    a, b = (x if np.all(x[:, 1:] >= x[:, :-1]) else np.sort(x, axis=1) for x in (a, b))
     n, m = a.shape[1], b.shape[1]
     if n == m:
         return np.abs(a - b).mean(1)

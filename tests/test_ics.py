@@ -20,6 +20,7 @@ from probes.ics import (
     ics_gradient_change,
     layer_input_statistics,
     parameterized_layers,
+    unit_statistics,
     wasserstein1,
 )
 from studies.lab.nets import make_net
@@ -291,6 +292,25 @@ class Gained(nn.Module):
         return self.head(torch.tanh(self.inner(x.mean(1)) * self.gain))
 
 
+class Templated(nn.Module):
+    """Uses later layers' parameters for their metadata only, before the first layer runs: as a dtype
+    template (``type_as``, ``to``), a shape template (``view_as``) and for new tensors (``zeros_like``,
+    ``new_zeros``). None of these reads a value, so nothing precedes ``a`` (``head.weight`` used to)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.a = nn.Linear(3, 5).double()
+        self.b = nn.Linear(5, 5).double()
+        self.head = nn.Linear(5, 3).double()
+
+    def forward(self, x):
+        x = x.mean(1).type_as(self.head.weight).to(self.head.weight)
+        offset = torch.zeros_like(self.b.bias) + self.head.weight.new_zeros(5)
+        h = torch.tanh(self.a(x) + offset.view_as(self.b.bias))
+        return self.head(torch.tanh(self.b(h)))
+
+
 def by_definition(model: nn.Module, lr: float, x, y, layer: str, moved: set[str]) -> tuple[float, float]:
     """(‖G − G'‖, cos) with the parameters ``moved`` stepped by plain SGD (rate ``lr``), by hand."""
 
@@ -338,6 +358,10 @@ def by_definition(model: nn.Module, lr: float, x, y, layer: str, moved: set[str]
             },
         ),
         (Gained, {"inner": (), "head": ("gain", "inner.weight", "inner.bias")}),
+        (
+            Templated,
+            {"a": (), "b": ("a.weight", "a.bias"), "head": ("a.weight", "a.bias", "b.weight", "b.bias")},
+        ),
     ],
 )
 def test_preceding_parameters_are_those_read_before_the_layer_runs(make, expected):
@@ -429,3 +453,17 @@ def test_wasserstein1_matches_scipy_for_unequal_sizes():
     expected = [scipy.stats.wasserstein_distance(a[i], b[i]) for i in range(3)]
     np.testing.assert_allclose(wasserstein1(a, b), expected, rtol=1e-12)
     np.testing.assert_allclose(wasserstein1(a, a + 0.25), 0.25, rtol=1e-12)
+
+
+def test_wasserstein1_sorts_unsorted_rows_and_refuses_empty_ones():
+    """The quantile coupling needs sorted samples: unsorted rows are sorted first (they gave 1.35 where
+    the distance is 0.44); a row without samples has no distribution (``ValueError``)."""
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(2, 9)), rng.normal(0.5, 1.5, size=(2, 13))
+    expected = [scipy.stats.wasserstein_distance(a[i], b[i]) for i in range(2)]
+    np.testing.assert_allclose(wasserstein1(a, b), expected, rtol=1e-12)
+    np.testing.assert_allclose(wasserstein1(a, a[:, ::-1]), 0.0, atol=0)
+    with pytest.raises(ValueError, match="at least one sample"):
+        wasserstein1(np.empty((2, 0)), b)
+    with pytest.raises(ValueError, match=r"samples: expected a non-empty \(units, samples\)"):
+        unit_statistics("x", torch.empty(3, 0), (50,))
