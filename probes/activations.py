@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,6 +22,7 @@ __all__ = [
     "capture_layer_outputs",
     "feature_axis",
     "floating_inputs",
+    "input_reader",
     "layer_parameters",
     "layer_weight_name",
     "layer_weight_names",
@@ -161,6 +162,18 @@ def _first_argument(module: nn.Module) -> str | None:
     return parameters[0].name if parameters and parameters[0].kind in named else None
 
 
+def input_reader(module: nn.Module) -> Callable[[tuple, dict[str, Any]], Any]:
+    """``read(args, kwargs)`` → ``module``'s input in a call: the first argument of its ``forward``,
+    passed by position or by keyword (``fc(input=x)``, ``attn(query=h, key=h, value=h)``); None if
+    there is none. For forward hooks registered ``with_kwargs=True``."""
+    first = _first_argument(module)
+
+    def read(args: tuple, kwargs: dict[str, Any]) -> Any:
+        return args[0] if args else kwargs.get(first) if first is not None else None
+
+    return read
+
+
 @contextmanager
 def capture(
     model: nn.Module,
@@ -183,10 +196,10 @@ def capture(
     store: dict[str, list[Tensor]] = {name: [] for name in modules}
     handles = []
 
-    def hook_for(name: str, first: str | None):
+    def hook_for(name: str, read_input: Callable[[tuple, dict[str, Any]], Any]):
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
             if what == "input":
-                value = args[0] if args else kwargs.get(first) if first is not None else None
+                value = read_input(args, kwargs)
             else:
                 value = output[0] if isinstance(output, tuple | list) and output else output
             if isinstance(value, Tensor):
@@ -196,7 +209,7 @@ def capture(
 
     try:
         for name, module in modules.items():
-            hook = hook_for(name, _first_argument(module))
+            hook = hook_for(name, input_reader(module))
             handles.append(module.register_forward_hook(hook, with_kwargs=True))
         yield store
     finally:

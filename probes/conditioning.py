@@ -6,9 +6,16 @@ Conventions used throughout (all spectra in float64, eigenvalues clipped below a
 * covariance of a data matrix X ``(N, d)``: C = (X − μ)ᵀ(X − μ)/N (biased; ``center=False``: the
   second moment XᵀX/N). Inputs ``(N, C, *spatial)`` pool the spatial positions as extra samples
   (features = channels, dim 1), the convention of BN and DBN statistics.
-* rank tolerance: τ = λ_max · d · ε_float64 (numpy's ``matrix_rank`` rule for a symmetric matrix);
-  ``numerical_rank`` = #{λᵢ > τ}; ``condition_number`` κ = λ_max/λ_min, ``inf`` when λ_min ≤ τ
-  (a singular covariance), ``nan`` for an all-zero one.
+* rank tolerance: τ = max(λ_max·d·ε₆₄, (max(N, d)·ε_data)²·(λ_max + ‖μ‖²)); ``numerical_rank`` =
+  #{λᵢ > τ}; ``condition_number`` κ = λ_max/λ_min, ``inf`` when λ_min ≤ τ (a singular covariance),
+  ``nan`` for an all-zero one. The first term is numpy's ``matrix_rank`` rule for the float64
+  eigensolver. The second is the same rule for the data matrix X, known only to the precision
+  ε_data of its dtype (float32 activations: 1.2e-7; for float64 data the first term dominates): a
+  direction whose singular value in X is below max(N, d)·ε_data·‖X‖₂ cannot be told from rounding,
+  and λ = s²/N; ‖X‖₂²/N ≤ λ_max + ‖μ‖² (C + μμᵀ is X's second moment), since data are rounded
+  relative to their uncentered size. Without it the float32 rounding of an exactly singular
+  covariance (BN's centered outputs with N ≤ d) reads as a genuine direction: κ ≈ 10¹²
+  instead of ``inf``, rank d instead of d − 1.
 * ``effective_rank`` (participation ratio) = tr(C)²/‖C‖_F² = (Σλᵢ)²/Σλᵢ² ∈ [1, rank C]; the lower
   bound on rank(C) that Daneshmand et al. (2020) use as a soft rank.
 * ``stable_rank`` = ‖X_c‖_F²/‖X_c‖₂² = tr(C)/λ_max ∈ [1, rank C] (of the centered data matrix X_c;
@@ -36,10 +43,11 @@ from probes.activations import (
     capture_layer_inputs,
     feature_axis,
     floating_inputs,
+    input_reader,
     parameterized_layers,
     select_modules,
 )
-from probes.functional import as_batches, check_bn, check_loss, norm_mode, probe_guard
+from probes.functional import as_batches, as_int, check_bn, check_loss, norm_mode, probe_guard
 
 __all__ = [
     "CovarianceStats",
@@ -50,6 +58,7 @@ __all__ = [
     "LayerConditioning",
     "RankCollapse",
     "covariance_spectrum",
+    "data_eps",
     "default_layers",
     "gd_iterations_to_tolerance",
     "kfac_factor_conditioning",
@@ -125,13 +134,28 @@ def _second_moment(x: Tensor, center: bool) -> Tensor:
     return x.T @ x / x.shape[0]
 
 
+def data_eps(x: Tensor | np.ndarray) -> float | None:
+    """The machine epsilon of data ``x``'s dtype (None for integers, which are exact): the ε_data of the
+    rank tolerance (module docstring)."""
+    dtype = torch.as_tensor(x).dtype if not isinstance(x, Tensor) else x.dtype
+    return float(torch.finfo(dtype).eps) if dtype.is_floating_point else None
+
+
 def spectrum_stats(
-    matrix: Tensor | np.ndarray, *, n_samples: int = 0, layer: str = "", probe: str = "covariance_spectrum"
+    matrix: Tensor | np.ndarray,
+    *,
+    n_samples: int = 0,
+    layer: str = "",
+    probe: str = "covariance_spectrum",
+    eps: float | None = None,
+    mean_sq_norm: float = 0.0,
 ) -> CovarianceStats:
     """:class:`CovarianceStats` of a symmetric positive semi-definite ``matrix`` ``(d, d)``.
 
-    λ = eigvalsh(sym(M)) clipped at 0; κ = λ_max/λ_min (inf if λ_min ≤ τ = λ_max·d·ε);
-    effective rank (Σλ)²/Σλ²; stable rank Σλ/λ_max; whiteness ‖M/mean(diag M) − I‖_F.
+    λ = eigvalsh(sym(M)) clipped at 0; κ = λ_max/λ_min (inf if λ_min ≤ τ); effective rank
+    (Σλ)²/Σλ²; stable rank Σλ/λ_max; whiteness ‖M/mean(diag M) − I‖_F. τ = λ_max·d·ε₆₄, or, when
+    M was computed from ``n_samples`` data of precision ``eps`` (:func:`data_eps`) with mean μ
+    (``mean_sq_norm`` = ‖μ‖²; 0 for a second moment), the module docstring's τ.
     """
     # d × d is small: its spectrum is computed on the CPU, whatever device the matrix comes from
     m = torch.as_tensor(matrix).detach().to(device="cpu", dtype=torch.float64)
@@ -142,6 +166,8 @@ def spectrum_stats(
     lam = torch.linalg.eigvalsh(m).flip(0).clamp_min(0.0).numpy()  # descending
     lam_max, total = float(lam[0]), float(lam.sum())
     tol = lam_max * d * np.finfo(np.float64).eps
+    if eps is not None:
+        tol = max(tol, (max(n_samples, d) * eps) ** 2 * (lam_max + mean_sq_norm))
     if lam_max == 0.0:
         kappa, eff, stable, rank = float("nan"), float("nan"), float("nan"), 0
     else:
@@ -180,7 +206,15 @@ def covariance_spectrum(
     measures the distance from what decorrelated BN (Huang et al. 2018) enforces.
     """
     x = _as_matrix(X)
-    return spectrum_stats(_second_moment(x, center), n_samples=x.shape[0], layer=layer, probe=probe)
+    mean_sq = float(x.mean(dim=0).square().sum()) if center else 0.0
+    return spectrum_stats(
+        _second_moment(x, center),
+        n_samples=x.shape[0],
+        layer=layer,
+        probe=probe,
+        eps=data_eps(X),
+        mean_sq_norm=mean_sq,
+    )
 
 
 # ------------------------------------------------------------------------------ layer conditioning
@@ -265,7 +299,8 @@ def layer_input_conditioning(
 class RankCollapse:
     """Rank measures of the representation H ``(N, d)`` fed to ``layer`` (Daneshmand et al. 2020).
 
-    * ``singular_values`` of H (descending) and ``numerical_rank`` = #{σᵢ > σ₁·max(N, d)·ε};
+    * ``singular_values`` of H (descending) and ``numerical_rank`` = #{σᵢ > σ₁·max(N, d)·ε}, ε that of
+      H's dtype (numpy's ``matrix_rank`` rule; float32 activations are known to 1.2e-7, not 2.2e-16);
     * ``effective_rank`` = tr(HHᵀ)²/‖HHᵀ‖_F² = (Σσᵢ²)²/Σσᵢ⁴ — the soft rank, a lower bound on rank H,
       that Daneshmand et al. track through depth (uncentered, as in the paper: collapse means all
       samples align, which centering would hide);
@@ -301,7 +336,8 @@ class RankCollapse:
         return rows
 
 
-def _rank_measures(h: Tensor, layer: str) -> RankCollapse:
+def _rank_measures(h: Tensor, layer: str, eps: float) -> RankCollapse:
+    """The measures of :class:`RankCollapse` of ``h`` ``(N, d)`` (float64), data of precision ``eps``."""
     n, d = h.shape
     s = torch.linalg.svdvals(h).cpu().numpy()
     s1 = float(s[0]) if s.size else 0.0
@@ -309,7 +345,7 @@ def _rank_measures(h: Tensor, layer: str) -> RankCollapse:
     if s1 == 0.0:
         rank, eff, stable = 0, float("nan"), float("nan")
     else:
-        rank = int((s > s1 * max(n, d) * np.finfo(np.float64).eps).sum())
+        rank = int((s > s1 * max(n, d) * max(eps, np.finfo(np.float64).eps)).sum())
         eff = float(s2.sum() ** 2 / (s2**2).sum())
         stable = float(s2.sum() / s1**2)
     norms = h.norm(dim=1)
@@ -320,7 +356,7 @@ def _rank_measures(h: Tensor, layer: str) -> RankCollapse:
         cosine = float((gram.sum() - gram.diagonal().sum()) / (k * (k - 1)))
     else:
         cosine = float("nan")
-    centered = covariance_spectrum(h).effective_rank
+    centered = covariance_spectrum(h).effective_rank  # no tolerance enters the effective rank
     return RankCollapse(s, rank, eff, stable, cosine, centered, n, layer)
 
 
@@ -368,7 +404,7 @@ def rank_collapse(
                 h.remove()
     name = order[-1]
     h = inputs[name].to(torch.float64).reshape(inputs[name].shape[0], -1)
-    return _rank_measures(h, name)
+    return _rank_measures(h, name, data_eps(inputs[name]) or 0.0)
 
 
 # ------------------------------------------------------------------------- whitening stochasticity
@@ -377,7 +413,8 @@ def rank_collapse(
 def _group_size(d: int, group_size: int | None) -> int:
     if group_size is None:
         return d
-    if not isinstance(group_size, int) or group_size < 1:
+    group_size = as_int(group_size)
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
         raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
     return max(g for g in range(1, min(group_size, d) + 1) if d % g == 0)
 
@@ -489,9 +526,10 @@ def normalization_disturbance(
     """
     x = _as_matrix(X)
     n, d = x.shape
-    if not isinstance(batch_size, int) or batch_size < 2 or batch_size > n:
+    batch_size, n_batches = as_int(batch_size), as_int(n_batches)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 2 <= batch_size <= n:
         raise ValueError(f"batch_size must be an int in [2, N={n}], got {batch_size!r}")
-    if not isinstance(n_batches, int) or n_batches < 2:
+    if not isinstance(n_batches, int) or isinstance(n_batches, bool) or n_batches < 2:
         raise ValueError(f"n_batches must be an int ≥ 2, got {n_batches!r}")
     if method not in WHITENING_METHODS:
         raise ValueError(f"method must be one of {WHITENING_METHODS}, got {method!r}")
@@ -678,17 +716,21 @@ def kfac_factor_conditioning(
     a_sums: dict[str, Tensor | None] = {name: None for name in modules}
     g_sums: dict[str, Tensor | None] = {name: None for name in modules}
     rows = {name: 0 for name in modules}
+    a_eps: dict[str, float | None] = {}
+    g_eps: dict[str, float | None] = {}
     with probe_guard(model), norm_mode(model, bn):
         for x, y in pairs:
             store: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in modules}
 
             def hook_for(name: str, store: dict[str, list[tuple[Tensor, Tensor]]] = store):
-                def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-                    store[name].append((args[0].detach(), output))
+                read_input = input_reader(modules[name])
+
+                def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Tensor) -> None:
+                    store[name].append((read_input(args, kwargs).detach(), output))
 
                 return hook
 
-            handles = [m.register_forward_hook(hook_for(n)) for n, m in modules.items()]
+            handles = [m.register_forward_hook(hook_for(n), with_kwargs=True) for n, m in modules.items()]
             # a differentiable input: G is defined for frozen layers too (∂L/∂s needs no trainable W)
             x_in = x.detach().requires_grad_() if x.is_floating_point() else x
             try:
@@ -709,6 +751,7 @@ def kfac_factor_conditioning(
                 for a, out in calls:
                     g = next(grads)
                     g = torch.zeros_like(out) if g is None else g.detach()
+                    a_eps[name], g_eps[name] = data_eps(a), data_eps(g)  # second moments of these
                     ar = _layer_input_rows(module, a).to(torch.float64)  # (rows, groups, fan_in)
                     if getattr(module, "bias", None) is not None:
                         ar = torch.cat([ar, ar.new_ones(*ar.shape[:2], 1)], dim=2)
@@ -730,8 +773,12 @@ def kfac_factor_conditioning(
             layer=name,
             A=a_out.cpu().numpy(),
             G=g_out.cpu().numpy(),
-            a_stats=spectrum_stats(torch.block_diag(*a_mat), n_samples=n, layer=name, probe="kfac_A"),
-            g_stats=spectrum_stats(torch.block_diag(*g_mat), n_samples=n, layer=name, probe="kfac_G"),
+            a_stats=spectrum_stats(
+                torch.block_diag(*a_mat), n_samples=n, layer=name, probe="kfac_A", eps=a_eps[name]
+            ),
+            g_stats=spectrum_stats(
+                torch.block_diag(*g_mat), n_samples=n, layer=name, probe="kfac_G", eps=g_eps[name]
+            ),
             groups=groups,
         )
     return KFACConditioning(result)
@@ -849,8 +896,10 @@ def gd_iterations_to_tolerance(
     """Gradient descent w ← w − (1/λ_max) ∇L(w) on L(w) = ‖Xw − y‖²/2N from w = 0, counting steps until
     (L(w) − L*)/(L(0) − L*) ≤ ``tol``.
 
-    The error along eigenvector i contracts by (1 − λᵢ/λ_max) per step, so the count is
-    ≈ (κ/2)·ln(1/tol) with κ = λ_max/λ_min of H = XᵀX/N (Nesterov 2004, Thm. 2.1.15).
+    The error along eigenvector i contracts by (1 − λᵢ/λ_max) per step, so the count is at most
+    about (κ/2)·ln(1/tol) with κ = λ_max/λ_min of H = XᵀX/N (Nesterov 2004, Thm. 2.1.15): the worst
+    case, reached when the error sits on λ_min's eigenvector; ``condition_number`` is κ, ``inf`` for
+    a singular H (the module docstring's rank tolerance).
     """
     x = _as_matrix(X).cpu().numpy()
     y = torch.as_tensor(y).detach().to(device="cpu", dtype=torch.float64).numpy().reshape(-1)
@@ -861,8 +910,8 @@ def gd_iterations_to_tolerance(
     n = x.shape[0]
     h = x.T @ x / n
     b = x.T @ y / n
-    lam = np.linalg.eigvalsh(h)
-    kappa = float(lam[-1] / lam[0]) if lam[0] > 0 else float("inf")
+    spectrum = spectrum_stats(h, n_samples=n, eps=data_eps(X))
+    kappa = spectrum.condition_number  # inf when singular
     w_star = np.linalg.lstsq(x, y, rcond=None)[0]
 
     def excess(w: np.ndarray) -> float:
@@ -873,7 +922,7 @@ def gd_iterations_to_tolerance(
     start = excess(w)
     if start == 0.0:
         return GDRun(0, True, 0.0, kappa)
-    step = 1.0 / lam[-1]
+    step = 1.0 / spectrum.eigenvalues[0]
     for k in range(1, max_iter + 1):
         w = w - step * (h @ w - b)
         rel = excess(w) / start

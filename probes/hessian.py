@@ -21,6 +21,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from probes import spectral
+from probes.functional import as_int
 from probes.hvp import HessianOperator, hessian_operator
 from probes.spectral import EigenResult, SpectralDensity, TraceResult
 
@@ -211,7 +212,8 @@ def hessian_outliers(
     :func:`hessian_eigenvalues`; at a symmetric point (a zero-initialized last layer makes the top
     eigenvalue K − 1 times repeated) pass ``block_size=num_classes``, or λ_K comes from below the
     outliers."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer) or num_classes < 2:
+    num_classes = as_int(num_classes)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(
             f"num_classes must be an integer >= 2 (K of the outlier ratio λ1/λK), got {num_classes!r}"
         )

@@ -34,7 +34,7 @@ import scipy.sparse.linalg as sla
 import torch
 from torch import Tensor
 
-from probes.functional import outside_callers_modes
+from probes.functional import as_int, outside_callers_modes
 
 __all__ = [
     "EIGEN_METHODS",
@@ -446,6 +446,7 @@ def eigenvalues(
     ``method``, non-positive ``tol`` / ``max_matvecs`` / ``block_size``.
     """
     n = _size(op)
+    k, max_matvecs, block_size, ncv = (as_int(v) for v in (k, max_matvecs, block_size, ncv))
     if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k >= n:
         raise ValueError(f"k must be an integer with 1 <= k < n = {n}, got {k!r}")
     _check_which(which)
@@ -790,6 +791,7 @@ def trace(
     if method not in TRACE_METHODS:
         raise ValueError(f"method must be one of {TRACE_METHODS}, got {method!r}")
     need = 4 if method == "hutchpp" else 2
+    n_probes, chunk = as_int(n_probes), as_int(chunk)
     if not isinstance(n_probes, int) or isinstance(n_probes, bool) or n_probes < need:
         raise ValueError(f"n_probes must be an integer >= {need} for method={method!r}, got {n_probes!r}")
     if not isinstance(chunk, int) or chunk < 1:
@@ -882,6 +884,7 @@ def density(
     Costs ``n_runs · n_iter`` matvecs (fewer after breakdowns).
     """
     n = _size(op)
+    n_iter, n_runs, n_grid = as_int(n_iter), as_int(n_runs), as_int(n_grid)
     for name, val in (("n_iter", n_iter), ("n_runs", n_runs), ("n_grid", n_grid)):
         if not isinstance(val, int) or isinstance(val, bool) or val < 1:
             raise ValueError(f"{name} must be a positive integer, got {val!r}")
@@ -940,6 +943,7 @@ def outlier_ratio(values_desc: np.ndarray | Tensor | list[float], num_classes: i
     vals = np.asarray(
         values_desc.detach().cpu() if isinstance(values_desc, Tensor) else values_desc, dtype=np.float64
     ).ravel()
+    num_classes = as_int(num_classes)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     if vals.size < num_classes:

@@ -498,3 +498,87 @@ def test_layer_input_conditioning_of_token_inputs_pools_tokens():
     stats = result.layers["0"]
     np.testing.assert_allclose(np.sort(stats.eigenvalues), np.sort(expected), rtol=1e-10)
     assert stats.n_samples == 35 and result.layers["2"].eigenvalues.shape == (6,)
+
+
+# ---------------------------------------------------------------- rank tolerance of float32 data
+
+
+def test_rank_tolerance_reads_the_precision_of_float32_activations():
+    """Float32 activations are known to 1.2e-7, not to float64's 2.2e-16: the rounding of an exactly
+    singular input covariance must not read as a direction. The same nets in float32 and float64 give
+    the same ranks and κ = inf (float32 gave rank 16 and κ = 5e12 for a rank-3 bottleneck, and rank d
+    for BN's centered outputs with N = d samples)."""
+    gen = torch.Generator().manual_seed(0)
+    x3, x32 = torch.randn(64, 3, generator=gen), torch.randn(16, 32, generator=gen)
+    for dtype in (torch.float32, torch.float64):
+        torch.manual_seed(1)
+        bottleneck = nn.Sequential(nn.Linear(3, 16), nn.Linear(16, 2)).to(dtype)
+        with torch.no_grad():
+            bottleneck[0].bias.fill_(50.0)  # inputs of layer 1: 50 + rank-3 variation
+        stats = layer_input_conditioning(bottleneck, (x3.to(dtype), torch.zeros(64)), layers=["1"])["1"]
+        assert (stats.numerical_rank, stats.condition_number) == (3, math.inf), dtype
+        assert stats.eigenvalues[2] / stats.eigenvalues[0] > 1e-3  # the genuine directions stay
+
+        torch.manual_seed(2)
+        centered = nn.Sequential(nn.Linear(32, 16), nn.BatchNorm1d(16), nn.Linear(16, 3)).to(dtype)
+        collapse = rank_collapse(centered, x32.to(dtype))  # N = d = 16, centered by BN: rank 15
+        assert collapse.layer == "2" and collapse.numerical_rank == 15, dtype
+        kfac = kfac_factor_conditioning(centered, F.cross_entropy, (x32.to(dtype), torch.arange(16) % 3))
+        assert kfac["2"].g_stats.numerical_rank == 2, dtype  # softmax gradients sum to 0 over classes
+        assert kfac["2"].g_stats.condition_number == math.inf, dtype
+
+
+def test_a_genuinely_ill_conditioned_float32_covariance_keeps_its_condition_number():
+    """The data-precision term only drops what float32 cannot resolve: a κ of 1e6 (σ ratio 1e3) is
+    kept, equal to float64's to float32 accuracy."""
+    gen = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen, dtype=torch.float64))
+    x = torch.randn(4000, 6, generator=gen, dtype=torch.float64) * torch.logspace(
+        0, -3, 6, dtype=torch.float64
+    )
+    x = x @ q.T
+    exact = covariance_spectrum(x)
+    single = covariance_spectrum(x.float())
+    assert exact.condition_number == pytest.approx(1e6, rel=0.1)
+    assert single.numerical_rank == 6
+    assert single.condition_number == pytest.approx(exact.condition_number, rel=1e-3)
+
+
+def test_gd_condition_number_of_collinear_features_is_infinite():
+    """κ of a singular least-squares Hessian is inf, by the module's rank tolerance (it came out as
+    inf, 3.4e15 or 2.2e18 by seed)."""
+    for seed in range(6):
+        gen = torch.Generator().manual_seed(seed)
+        base = torch.randn(50, 2, generator=gen, dtype=torch.float64)
+        X = torch.cat([base, base[:, :1] * 3.0 - base[:, 1:] * 0.5], dim=1)  # third = combination
+        y = torch.randn(50, generator=gen, dtype=torch.float64)
+        run = gd_iterations_to_tolerance(X, y, tol=1e-3)
+        assert run.condition_number == math.inf, seed
+        assert covariance_spectrum(X, center=False).condition_number == math.inf
+
+
+def test_kfac_reads_a_layer_input_passed_by_keyword():
+    """``self.fc(input=x)``: the layer's input is its forward's first argument by keyword too, as for
+    the other input probes (K-FAC raised IndexError)."""
+
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = nn.Linear(4, 5).double()
+            self.head = nn.Linear(5, 3).double()
+
+        def forward(self, x):
+            return self.head(input=torch.tanh(self.fc(input=x)))
+
+    model = Keyword()
+    x = gaussian(10, 4, seed=1)
+    y = torch.arange(10) % 3
+    state = ModelState.capture(model)
+    by_keyword = kfac_factor_conditioning(model, F.cross_entropy, (x, y))
+    assert state.differences(model) == []
+    plain = nn.Sequential(model.fc, nn.Tanh(), model.head)
+    by_position = kfac_factor_conditioning(plain, F.cross_entropy, (x, y))
+    for name, other in (("fc", "0"), ("head", "2")):
+        np.testing.assert_array_equal(by_keyword[name].A, by_position[other].A)
+        np.testing.assert_array_equal(by_keyword[name].G, by_position[other].G)

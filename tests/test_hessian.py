@@ -223,3 +223,26 @@ def test_cache_graphs_false_gives_the_same_answers(name):
     assert tr_f.value == pytest.approx(tr_c.value, rel=1e-10)
     np.testing.assert_allclose(den_f.density, den_c.density, rtol=1e-8, atol=1e-12)
     assert out_f.gradient_fraction == pytest.approx(out_c.gradient_fraction, rel=1e-8)
+
+
+def test_counts_given_as_numpy_integers_are_counts():
+    """``num_classes=len(np.unique(labels))`` is a numpy integer: every count argument takes one and
+    gives what the Python int gives (``hessian_outliers`` accepted it, then failed inside the solver
+    with a message about k)."""
+    case = CASES["mlp-bn"]()
+    args = (case.model, case.loss_fn, case.batches)
+    as_numpy, as_int = np.int64(3), 3
+    a = hessian_outliers(*args, num_classes=as_numpy, bn=case.bn)
+    b = hessian_outliers(*args, num_classes=as_int, bn=case.bn)
+    assert (a.ratio, a.gradient_fraction) == (b.ratio, b.gradient_fraction)
+    np.testing.assert_array_equal(
+        hessian_eigenvalues(*args, k=np.int64(2), bn=case.bn).values,
+        hessian_eigenvalues(*args, k=2, bn=case.bn).values,
+    )
+    assert hessian_trace(*args, n_probes=np.int32(6)).value == hessian_trace(*args, n_probes=6).value
+    np.testing.assert_array_equal(
+        hessian_density(*args, n_iter=np.int64(5), n_runs=np.int64(2)).density,
+        hessian_density(*args, n_iter=5, n_runs=2).density,
+    )
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
+        hessian_outliers(*args, num_classes=np.float64(3.0))
