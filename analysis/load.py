@@ -12,7 +12,7 @@ import pandas as pd
 
 from studies.lab.store import CONFIG, DONE, RECORD_FIELDS, RECORDS, read_records
 
-__all__ = ["find_runs", "load_runs"]
+__all__ = ["diverged_runs", "find_runs", "load_runs"]
 
 
 def find_runs(results: Path, study: str | None = None, preset: str | None = None) -> list[Path]:
@@ -77,3 +77,10 @@ def load_runs(
     if not frames:
         return pd.DataFrame(columns=[*RECORD_FIELDS, *config_columns])
     return pd.concat(frames, ignore_index=True)
+
+
+def diverged_runs(df: pd.DataFrame) -> set[str]:
+    """The runs of ``df`` that diverged: those with a ``train``/``diverged`` record (written at the step
+    where the loss, the evaluation, a parameter or a buffer stopped being finite). Their last records
+    are from before that step, not the end of training."""
+    return set(df.loc[(df["probe"] == "train") & (df["metric"] == "diverged"), "run_id"])

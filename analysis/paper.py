@@ -37,7 +37,7 @@ from typing import Any
 import pandas as pd
 
 from analysis import stats
-from analysis.load import load_runs
+from analysis.load import diverged_runs, load_runs
 from analysis.style import ordered_norms
 from analysis.tables import (
     MINUS,
@@ -142,17 +142,26 @@ def _last(df: pd.DataFrame, probe: str, metric: str) -> pd.DataFrame:
 def default_summary(df: pd.DataFrame, grid: Sequence[str]) -> pd.DataFrame:
     """Per grid cell: final test accuracy and final training loss, mean over seeds with a 95% CI, n.
 
-    "Final" is each run's last recorded step of ``eval/test_accuracy`` and ``train/loss``. A study's
-    runs without either metric give an empty frame.
+    "Final" is each run's last recorded step of ``eval/test_accuracy`` and ``train/loss``, over the
+    runs that trained to the end: a diverged run's last records are from before it diverged (an
+    untrained net's step-0 accuracy), so it is counted in ``diverged`` instead, and a cell whose
+    every run diverged has no estimate (``n`` = 0). A study's runs without either metric give an
+    empty frame.
     """
     grid = [g for g in grid if g in df.columns]
+    keys = grid or ["norm"]
+    diverged = diverged_runs(df)
     parts = []
     for probe, metric, label in (("eval", "test_accuracy", "test accuracy"), ("train", "loss", "train loss")):
         last = _last(df, probe, metric)
         if last.empty:
             continue
-        summary = stats.summarize(last, grid or ["norm"])
-        summary.insert(len(grid or ["norm"]), "metric", label)
+        is_diverged = last["run_id"].isin(diverged)
+        summary = stats.summarize(last.assign(value=last["value"].where(~is_diverged)), keys)
+        counts = last.assign(d=is_diverged).groupby(keys, sort=True, dropna=False)["d"].sum()
+        summary["n"] = summary["n"].astype(int)
+        summary["diverged"] = counts.to_numpy().astype(int)
+        summary.insert(len(keys), "metric", label)
         parts.append(summary)
     if not parts:
         return pd.DataFrame()
@@ -253,8 +262,9 @@ def _write_summaries(res: StudyResults, results: Path, preset: str) -> dict[str,
             + dataframe_table(
                 summary,
                 caption=rf"\texttt{{{latex_escape(name)}}}: final test accuracy and training loss "
-                r"per configuration (mean over seeds, \wb{stats/confidence}\% bootstrap CI, "
-                r"$n$ seeds).",
+                r"per configuration (mean over the $n$ seeds that trained to the end, "
+                r"\wb{stats/confidence}\% bootstrap CI; diverged: seeds whose run diverged, whose last "
+                r"values are not final and are left out).",
                 label=f"tab:{name}:summary",
             ),
         )

@@ -51,6 +51,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.claims import Claim, test_claim
+from analysis.load import diverged_runs
 from analysis.style import NORM_LABELS, labeled_legend, norm_palette, ordered_norms, save_figure, use_style
 from studies.lab.runs import load_run_data, make_run_net, run_train_config, train_run
 from studies.lab.study import RunContext, Study
@@ -138,7 +139,7 @@ def final_error(df: pd.DataFrame) -> pd.DataFrame:
     """
     acc = df[(df["probe"] == "eval") & (df["metric"] == "test_accuracy")]
     last = acc.loc[acc.groupby("run_id")["step"].idxmax()]
-    diverged = set(df.loc[(df["probe"] == "train") & (df["metric"] == "diverged"), "run_id"])
+    diverged = diverged_runs(df)
     last = last[~last["run_id"].isin(diverged)]
     out = last[["norm", "batch_size", "seed"]].copy()
     out["error"] = 1.0 - last["value"].to_numpy()

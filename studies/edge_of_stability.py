@@ -65,6 +65,7 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from analysis.claims import Claim, test_claim
+from analysis.load import diverged_runs
 from analysis.style import NORM_LABELS, labeled_legend, norm_palette, ordered_norms, save_figure, use_style
 from probes.hessian import hessian_eigenvalues
 from studies.lab.runs import load_run_data, make_run_net, run_train_config, train_run
@@ -211,7 +212,7 @@ def per_run_statistics(df: pd.DataFrame) -> pd.DataFrame:
     """Per run (norm, lr, seed): ``rise`` = log(max λ / λ(0)), ``reach`` = max of s over t > 0, ``hover``
     = |(median of s over probe steps t ≥ T/2) − 1|, s = λmax·η/2, T the run's last probe step, and
     ``diverged``; a diverged run's statistics are NaN (GD left the edge of stability: no value to test)."""
-    diverged = set(df.loc[(df["probe"] == "train") & (df["metric"] == "diverged"), "run_id"])
+    diverged = diverged_runs(df)
     rows = []
     for (run_id, norm, lr, seed), run in sharpness_table(df).groupby(["run_id", "norm", "lr", "seed"]):
         lam, edge, step = run["lambda_max"].to_numpy(), run["edge"].to_numpy(), run["step"].to_numpy()

@@ -59,6 +59,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.claims import Claim, test_claim
+from analysis.load import diverged_runs
 from analysis.style import NORM_LABELS, labeled_legend, norm_palette, ordered_norms, save_figure, use_style
 from probes.smoothness import landscape_along_gradient
 from studies.lab.runs import load_run_data, make_run_net, run_train_config, train_run
@@ -170,7 +171,7 @@ def run_outcomes(df: pd.DataFrame, chance_multiple: float, num_classes: int = NU
     """
     keys = ["run_id", "norm", "lr", "seed"]
     runs = df[keys].drop_duplicates().set_index("run_id")
-    diverged = set(df.loc[(df["probe"] == "train") & (df["metric"] == "diverged"), "run_id"])
+    diverged = diverged_runs(df)
     acc = df[(df["probe"] == "eval") & (df["metric"] == "test_accuracy")]
     last = acc.loc[acc.groupby("run_id")["step"].idxmax()].set_index("run_id")["value"]
     runs["diverged"] = runs.index.isin(diverged)

@@ -75,6 +75,7 @@ import torch
 from torch import Tensor, nn
 
 from analysis.claims import Claim, test_claim
+from analysis.load import diverged_runs
 from analysis.style import NORM_LABELS, labeled_legend, norm_palette, ordered_norms, save_figure, use_style
 from probes.activations import capture_layer_inputs
 from probes.functional import norm_mode, probe_guard
@@ -241,7 +242,7 @@ def final_train_accuracy(df: pd.DataFrame) -> pd.DataFrame:
     A run that diverged gets NaN (it did not finish training).
     """
     train_rows = df[df["probe"] == "train"]
-    diverged = set(train_rows.loc[train_rows["metric"] == "diverged", "run_id"])
+    diverged = diverged_runs(df)
     acc = train_rows[train_rows["metric"] == "accuracy"]
     updates = acc.groupby("run_id")["step"].transform("max") + 1
     last = acc[acc["step"] >= (1 - FINAL_FRACTION) * updates]

@@ -6,11 +6,13 @@ The PDF tests need TeX (`make tex`); without latexmk they skip and say so.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from analysis.claims import test_claim
@@ -182,6 +184,39 @@ def test_default_summary_values(results):
     assert out.loc[("test accuracy", "none"), "n"] == 3
     assert out.loc[("train loss", "bn"), "estimate"] == pytest.approx(1.0)
     assert list(out.index.get_level_values("norm")[:2]) == ["none", "bn"]  # house order
+    assert (out["diverged"] == 0).all()
+
+
+def test_default_summary_leaves_diverged_runs_out_and_counts_them():
+    """A diverged run's last records are from before it diverged: an untrained net's step-0 accuracy
+    printed as "final" in the paper (norm_zoo's transformers without norm at lr 0.05 showed the
+    chance-level 0.084 and a train loss of 35.5 though both seeds diverged by step 4)."""
+
+    def rows(run_id: str, norm: str, seed: int, accuracy: float, diverged_at: int | None) -> list[dict]:
+        last = 2 if diverged_at is None else diverged_at
+        out = [
+            {"run_id": run_id, "norm": norm, "seed": seed, "step": t, "probe": p, "metric": m, "value": v}
+            for t in range(last)
+            for p, m, v in (("eval", "test_accuracy", accuracy * t + 0.1), ("train", "loss", 3.0 - t))
+        ]
+        if diverged_at is not None:
+            out.append(
+                {"run_id": run_id, "norm": norm, "seed": seed, "step": diverged_at, "probe": "train"}
+                | {"metric": "diverged", "value": 1.0}
+            )
+        return out
+
+    df = pd.DataFrame(
+        rows("a", "bn", 0, 0.5, None)
+        + rows("b", "bn", 1, 0.7, 1)
+        + rows("c", "none", 0, 0.5, 1)
+        + rows("d", "none", 1, 0.5, 1)
+    )
+    out = default_summary(df, ["norm"]).set_index(["metric", "norm"])
+    bn, none = out.loc[("test accuracy", "bn")], out.loc[("test accuracy", "none")]
+    assert (bn["estimate"], bn["n"], bn["diverged"]) == (pytest.approx(0.6), 1, 1)
+    assert math.isnan(none["estimate"]) and (none["n"], none["diverged"]) == (0, 2)
+    assert out.loc[("train loss", "bn"), "estimate"] == pytest.approx(2.0)
 
 
 def test_loading_reports_truncated_records_and_skips_unfinished(results):
