@@ -210,9 +210,10 @@ def ics_probe(bn: str = "batch") -> Callable[[ProbeContext], list[dict[str, Any]
 def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
     data = load_run_data(rc)
     model = make_run_net(rc, data.info)
+    every = range(0, rc["steps"] + 1, rc["probe_every"])
     schedule = ProbeSchedule(
-        ics_probe(rc["probe_bn"]), steps=range(0, rc["steps"] + 1, rc["probe_every"]), name=PROBE
-    )
+        ics_probe(rc["probe_bn"]), steps=[*every, rc["steps"]], name=PROBE
+    )  # the last too
     result = train_run(
         model,
         data,
@@ -233,8 +234,9 @@ def _paired_ics(df: pd.DataFrame, arch: str, metric: str) -> pd.DataFrame:
     """ICS rows of ``arch`` and ``metric`` as columns ``none``, ``bn``, matched on (seed, layer, step)."""
     rows = df[(df["probe"] == PROBE) & (df["arch"] == arch) & (df["metric"] == metric)]
     wide = rows.pivot_table(index=["seed", "layer", "step"], columns="norm", values="value")
-    if not {"none", "bn"} <= set(wide.columns):
-        return pd.DataFrame(columns=["none", "bn"])
+    if not {"none", "bn"} <= set(wide.columns):  # a sweep without this arch, or with one norm only
+        keys = pd.MultiIndex.from_arrays([[], [], []], names=["seed", "layer", "step"])
+        return pd.DataFrame(columns=["none", "bn"], index=keys, dtype=float)
     return wide[["none", "bn"]].dropna()
 
 

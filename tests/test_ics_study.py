@@ -165,3 +165,18 @@ def test_runs_are_deterministic(results, tmp_path):
     run_sweep(study.STUDY, replace(TINY, seeds=1, archs=("dln",), norms=("bn",)), store, log=lambda s: None)
     (run_id,) = store.run_ids()
     assert store.load(run_id)[1] == results.load(run_id)[1]
+
+
+def test_one_arch_and_a_last_step_off_the_probe_grid(tmp_path):
+    """A sweep of the DLN alone draws its figures and writes its claims (the VGG's have no runs: n = 0;
+    the claims step raised 'level name seed is not the name of the index'), and the probe runs at the
+    last step though ``probe_every`` does not divide ``steps`` (it stopped at 10 of 15)."""
+    config = replace(TINY, archs=("dln",), seeds=1, steps=15)
+    store = RunStore(tmp_path, "ics", "quick")
+    assert run_sweep(study.STUDY, config, store, log=lambda s: None).ok
+    analyze_study(study.STUDY, config, store)
+    claims = {c["claim"]: c for c in json.loads((store.figures_dir / "claims.json").read_text())}
+    assert len(claims) == 8
+    assert all((c["n"] == 0) == ("VGG" in c["claim"]) for c in claims.values())
+    steps = set(load_runs(store.root, "ics").query("probe == 'ics'")["step"])
+    assert steps == {0, 10, 15}

@@ -277,7 +277,7 @@ def test_resnet20_parameter_count_and_shapes():
     torch.manual_seed(0)
     net = make_net("resnet", norm="bn", in_shape=(3, 32, 32), num_classes=10)
     n = sum(p.numel() for p in net.parameters())
-    assert n == 272_474  # He et al. 2016, Table 6: 0.27M
+    assert n == 272_474  # He et al. 2016, Table 6: 0.27M (theirs: option A shortcuts, 269,722)
     assert [len(s) for s in net.stages] == [3, 3, 3]
     assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert isinstance(net.stages[1][0].shortcut.layer, nn.Conv2d)

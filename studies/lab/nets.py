@@ -374,8 +374,11 @@ class BasicBlock(nn.Module):
 
     placement "before": ``act2(norm2(conv2(act1(norm1(conv1(x))))) + shortcut(x))`` (the original);
     placement "after": ``norm2(act2(conv2(norm1(act1(conv1(x)))) + shortcut(x)))``.
-    ``shortcut`` is ``nn.Identity`` when shapes agree, else ``Sequential(layer=1×1 conv, norm)``; with
-    ``residual=False`` it is ``None`` and the block is a plain two-layer stack.
+    ``shortcut`` is ``nn.Identity`` when shapes agree, else ``Sequential(layer=1×1 conv, norm)``: He et
+    al.'s projection shortcut (option B), where their CIFAR ResNets (§4.2) use option A, a
+    parameter-free identity with zero-padded channels (ResNet-20 at width 16: 272,474 parameters
+    here, 269,722 with option A); with ``residual=False`` it is ``None`` and the block is a plain
+    two-layer stack, so the plain net also loses the two projections (and their norms).
     """
 
     def __init__(self, b: _Builder, dim: int, c_in: int, c_out: int, stride: int, residual: bool) -> None:
@@ -412,7 +415,8 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(Net):
-    """CIFAR ResNet (He et al. 2016, §4.2): stem conv, 3 stages of n basic blocks, depth 6n + 2.
+    """CIFAR ResNet (He et al. 2016, §4.2): stem conv, 3 stages of n basic blocks, depth 6n + 2, with
+    projection shortcuts where the shape changes (:class:`BasicBlock`; the paper's are option A).
 
     Stage widths w, 2w, 4w, stride 2 at the start of stages 2 and 3; global average pool; linear head.
     Modules: ``stem`` (``layer``, ``norm``, ``act``), ``stages[s][j]`` (:class:`BasicBlock`), ``head``.

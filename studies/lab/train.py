@@ -267,7 +267,10 @@ class ProbeContext:
     """What a probe sees at step ``step`` (the state after ``step`` updates), before update ``step``.
 
     ``batch`` is the minibatch that update ``step`` is about to use (at ``step == config.steps``, the one
-    that would come next). ``train_set`` and ``test_set`` hold their tensors on ``device``.
+    that would come next), and ``optimizer``'s rate is the schedule's for update ``step`` (at
+    ``config.steps`` the rate the schedule would give next: 0 at the end of a cosine or linear decay
+    to 0, so a probe that simulates the next update, ICS or update ratios, measures a zero step
+    there). ``train_set`` and ``test_set`` hold their tensors on ``device``.
     A probe may compute gradients (the loop zeroes them before its own backward pass) and use the RNG
     (the loop restores it), and should leave parameters, buffers and the optimizer as it found them;
     the loop restores the modules' ``training`` flags after each probe.
