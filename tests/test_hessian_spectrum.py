@@ -159,7 +159,15 @@ def test_claims_are_computed_from_records(results, df):
     def matched(depth: int, seed: int) -> float:
         runs = {n: _brute(df, n, depth, seed) for n in ("none", "bn")}
         target = max(min(v[2] for v in run.values()) for run in runs.values())
-        lam = {n: next(run[s][0] for s in sorted(run) if run[s][2] <= target) for n, run in runs.items()}
+        lam = {}
+        for n, run in runs.items():
+            steps = sorted(run)
+            k = next(i for i, s in enumerate(steps) if run[s][2] <= target)
+            (lam_k, _, loss_k), (lam_j, _, loss_j) = run[steps[k]], run[steps[max(k - 1, 0)]]
+            # where the loss crosses L*, linearly between the probe steps around it
+            lam[n] = (
+                lam_k if k == 0 or loss_k == target else np.interp(target, [loss_k, loss_j], [lam_k, lam_j])
+            )
         return np.log(lam["none"] / lam["bn"])
 
     expected = np.mean([matched(3, s) - matched(2, s) for s in (0, 1)])
