@@ -54,7 +54,8 @@ Fashion-MNIST (``dataset=cifar10`` with ``data_root`` for CIFAR-10), MLP 4×256,
 10 (×~3), 500 updates, 3 seeds; probes at init and at the end on 1000 examples.
 
 Claims tested (from the records; one value per (arch, seed), paired by arch and seed, pooled over the
-archs where both norms apply; BN measured with batch statistics):
+archs where both norms apply; BN's probes measured with batch statistics, its test accuracy in eval
+mode with running statistics, as it is deployed):
 
 1. *BN trains to higher accuracy than no normalization* (Ioffe & Szegedy 2015). Statistic = final test
    accuracy with BN minus without; holds if the 95% CI is above 0.
@@ -70,7 +71,8 @@ archs where both norms apply; BN measured with batch statistics):
 5. *Whitening gives better-conditioned layer inputs than BN* (Huang et al. 2018 for DBN, 2019 for
    IterNorm). Statistic = log(median κ with BN / median κ with DBN) (resp. IterNorm) at the end of
    training; holds if the CI is above 0 (one claim each).
-6. *LN and GN are competitive with BN in the transformer* (Ba, Kiros & Hinton 2016). Statistic = final
+6. *LN and GN are competitive with BN in the transformer* (Ba, Kiros & Hinton 2016 for LN, whose paper
+   predates the transformer; Wu & He 2018 for GN). Statistic = final
    test accuracy with LN (resp. GN) minus with BN, transformer only, per seed; non-inferiority with a
    margin of ``margin`` (2 percentage points): holds if the CI's lower end is above −margin.
 
@@ -83,8 +85,9 @@ lr and its censoring), ``norm_zoo_table.csv`` (per arch and norm of the config, 
 n, means and standard deviations over seeds, counts of diverged and censored runs, the geometric mean
 of the largest stable lr) for the paper's LaTeX table, and the figure ``norm_zoo`` (rows = metrics,
 columns = archs, x = norms in house order, "n/a" where a norm does not apply, "diverged" where a run
-diverged; a point per seed and a bar at the mean; in the accuracy row, grey × = the mean test accuracy
-with test-batch statistics).
+diverged, "∞" where a value is infinite (a singular layer-input covariance), and in the stable-lr row
+how many values are censored bounds; a point per seed and a bar at the mean; in the accuracy row, grey
+× = the mean test accuracy with test-batch statistics).
 
 Reproduce::
 
@@ -134,7 +137,7 @@ SOURCE_IOFFE = "Ioffe & Szegedy 2015"
 SOURCE_BJORCK = "Bjorck, Gomes, Selman & Weinberger 2018"
 SOURCE_HESSIAN = "Santurkar et al. 2018; Ghorbani, Krishnan & Xiao 2019"
 SOURCE_WHITEN = {"dbn": "Huang et al. 2018 (DBN)", "iternorm": "Huang et al. 2019 (IterNorm)"}
-SOURCE_LN = "Ba, Kiros & Hinton 2016"
+SOURCE_LN = {"ln": "Ba, Kiros & Hinton 2016", "gn": "Wu & He 2018"}
 
 
 @dataclass(frozen=True)
@@ -500,6 +503,8 @@ def claims(runs: pd.DataFrame, ladder: pd.DataFrame, config: Config) -> list[Cla
         acc = _paired(runs, "test_accuracy", "none", "bn")
         steps = _paired(runs, "steps_to_target", "none", "bn")
         lr = _paired(ladder, "max_stable_lr", "none", "bn")
+        bounds = _paired(ladder.assign(c=ladder["lr_censored"].fillna("") != ""), "c", "none", "bn")
+        censored = int(bounds.reindex(lr.index).any(axis=1).sum())
         lam = _paired(runs, "lambda_max", "none", "bn")
         unpaired = sorted(set(runs["arch"]) - set(lam.index.get_level_values("arch")))
         left_out = f"; {', '.join(unpaired)} left out: no λmax in a pair (a diverged run)" if unpaired else ""
@@ -517,9 +522,12 @@ def claims(runs: pd.DataFrame, ladder: pd.DataFrame, config: Config) -> list[Cla
                 _log_ratio(steps, "none", "bn"),
             ),
             test_claim(
-                "BN allows a larger stable learning rate than no normalization (pooled over archs)",
+                "BN allows a larger stable learning rate than no normalization (pooled over archs; "
+                f"{censored} of {len(lr)} pairs censored)",
                 SOURCE_BJORCK,
-                "log(largest stable lr with BN / without), per (arch, ladder seed)",
+                "log(largest stable lr with BN / without), per (arch, ladder seed); a censored lr enters "
+                "as its bound (the ladder's top, or its bottom / 3), so the estimate is a bound where "
+                "pairs are censored",
                 _log_ratio(lr, "bn", "none"),
             ),
             test_claim(
@@ -550,13 +558,32 @@ def claims(runs: pd.DataFrame, ladder: pd.DataFrame, config: Config) -> list[Cla
                 test_claim(
                     f"{NORM_LABELS[norm]} is competitive with BN in the transformer "
                     f"(not worse by more than {config.margin:g})",
-                    SOURCE_LN,
+                    SOURCE_LN[norm],
                     f"final test accuracy with {norm} minus with BN, transformer, per seed",
                     (acc[norm] - acc["bn"]).to_numpy(dtype=float),
                     threshold=-config.margin,
                 )
             )
     return out
+
+
+def _cell_note(cell: pd.DataFrame, metric: str, is_applicable: bool) -> str:
+    """What a figure cell says besides its points: "n/a" (a norm the arch cannot take), "diverged",
+    "∞" where the runs' values are +∞ (a singular layer-input covariance: κ = ∞), and for the
+    largest stable lr how many values are censored bounds (drawn as points)."""
+    if not is_applicable:
+        return "n/a"
+    if metric == "max_stable_lr":
+        bounds = int((cell["lr_censored"].fillna("") != "").sum())
+        return (
+            "" if not bounds else "censored" if bounds == len(cell) else f"{bounds} of {len(cell)} censored"
+        )
+    if cell["diverged"].any():
+        return "diverged"
+    infinite = int(np.isposinf(cell[metric].to_numpy(dtype=float)).sum())
+    if infinite:
+        return "∞" if infinite == len(cell) else f"∞ ({infinite} of {len(cell)})"
+    return ""
 
 
 def analyze(df: pd.DataFrame, config: Config, out_dir: Path) -> list[Claim]:
@@ -591,10 +618,10 @@ def analyze(df: pd.DataFrame, config: Config, out_dir: Path) -> list[Claim]:
                 mine = runs[runs["arch"] == arch]
                 sns.pointplot(mine, x="norm", y="test_accuracy_batch_stats", order=norms, color="0.5",
                               errorbar=None, markers="x", markersize=4, linestyle="none", ax=ax)  # fmt: skip
-            diverged = runs[(runs["arch"] == arch) & runs["diverged"]]["norm"]
+            mine = source[source["arch"] == arch]
             for i, norm in enumerate(norms):
-                note = "n/a" if not applicable(arch, norm) else "diverged" if norm in set(diverged) else ""
-                if note and metric != "max_stable_lr":
+                note = _cell_note(mine[mine["norm"] == norm], metric, applicable(arch, norm))
+                if note:
                     ax.text(
                         i, 0.5, note, transform=ax.get_xaxis_transform(), ha="center", fontsize=6, rotation=90
                     )
