@@ -1,9 +1,10 @@
 """Activation drift — Ioffe & Szegedy 2015, Fig. 1: does a sigmoid's input distribution drift less with BN?
 
 An MLP with three hidden layers of 100 sigmoid units, trained with SGD on batches of 60, with and
-without batch normalization (before the sigmoid, as in the paper). At regular steps we feed a fixed
-probe batch (the first ``probe_size`` test examples) through the network — BN with the probe batch's
-statistics, as in training, without updating its running statistics — and record
+without batch normalization (before the sigmoid, as in the paper), from PyTorch's default init
+(``init="torch"``; Ioffe & Szegedy initialize with small random Gaussian weights). At regular steps we
+feed a fixed probe batch (the first ``probe_size`` test examples) through the network — BN with the
+probe batch's statistics, as in training, without updating its running statistics — and record
 the 15th, 50th and 85th percentiles of the input to the last hidden layer's sigmoids, for the first
 ``units`` units. Ioffe & Szegedy trained on MNIST for 50k steps; the quick preset uses MNIST-1D (the
 project's offline default) for a few thousand steps, the paper preset Fashion-MNIST.

@@ -11,6 +11,9 @@ units: GN normalizes each sample over a group of features) and LN, at batch size
 with SGD (momentum 0.9, no weight decay), learning rate ``base_lr · batch / ref_batch`` = 0.1 · B/32
 (Wu & He's rule) and a cosine decay to 0 over the run. Every run sees the *same number of samples*:
 ``epochs`` = 3 passes over the training set, i.e. 3 · ⌊4000/B⌋ updates (6000 at B = 2, 186 at B = 64).
+At this budget every net is undertrained (test error 0.46–0.57), and the number of updates falls
+32-fold across the grid: the slopes of claims 1–2 measure that as well as any dependence on batch
+statistics (GN's and LN's training loss rises with the batch size). Wu & He train to convergence.
 The paper preset trains the VGG of ``studies.lab.nets`` (6 conv layers, widths 16–64, 2-D) on
 Fashion-MNIST for 10 epochs with weight decay 1e-4, 5 seeds (not checked here: no GPU).
 
@@ -31,7 +34,8 @@ seed where norms are compared):
 4. *GN beats BN at batch 2.* Statistic = test error of BN minus GN at batch 2; holds if the CI's lower
    end is above 0.
 5. *BN is slightly better than GN at batch 32.* Statistic = test error of GN minus BN at batch 32;
-   holds if the CI's lower end is above 0.
+   holds if the CI's lower end is above 0: it tests that BN is better, not that the gap is small
+   (Wu & He: about 0.5 points; the committed quick runs: 5.9).
 
 A claim whose batch sizes are not in the grid (or whose runs diverged) has n = 0 and does not hold.
 
@@ -215,7 +219,7 @@ def claims(df: pd.DataFrame) -> list[Claim]:
             _difference(small, "bn", "gn"),
         ),
         test_claim(
-            f"BN's test error is slightly lower than GN's at batch {REFERENCE_BATCH}",
+            f"BN's test error is lower than GN's at batch {REFERENCE_BATCH} (Wu & He: slightly)",
             SOURCE,
             f"test error GN minus BN at batch {REFERENCE_BATCH}",
             _difference(reference, "gn", "bn"),

@@ -153,7 +153,10 @@ def test_claims_are_computed_from_records(results, df):
         return np.log(lam1 / lamk)
 
     expected = np.mean([log_ratio("none", s) - log_ratio("bn", s) for s in (0, 1)])
-    claim = by_name["Without BN, large outlier eigenvalues appear early in training (MLP, depth 3, step 5)"]
+    claim = by_name[
+        "Without BN the outlier ratio λ1/λK (Ghorbani et al.'s measure) is larger early in training "
+        "(MLP, depth 3, step 5)"
+    ]
     assert claim["estimate"] == pytest.approx(expected, rel=1e-9)
 
     def matched(depth: int, seed: int) -> float:
