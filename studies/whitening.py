@@ -61,7 +61,9 @@ sampling noise alone, κ ≈ ((1 + √(d/N))/(1 − √(d/N)))² ≈ 1.5):
    late loss; such seeds drop out and n says how many remained.) The statistics say that PCA trains
    worse, not why: in the quick runs DBN-PCA does not train at all (its loss stays near log 10, its
    test accuracy 0.089 in every seed, a constant prediction), and at initialization its gradient is
-   already ~25× ZCA's (norm 48 against 1.9 on the same batch), before any axis could swap.
+   already ~25× ZCA's (norm 48 against 1.9 on the same batch), before any axis could swap: PCA's
+   output depends on each eigenvector, whose derivative carries 1/(λᵢ − λⱼ) for nearby eigenvalues,
+   where ZCA's Σ^{-1/2} has bounded divided differences (f(λᵢ) − f(λⱼ))/(λᵢ − λⱼ) instead.
 4. *Whitening stochasticity grows with the group size and shrinks with the batch size* (Huang et al.
    2019 §3.2; 2020): per seed and method (ZCA, IterNorm), the least-squares fit
    log SND = a + b·log(group size) + c·log(batch size) over the grid; (a, b) slope b, holds if the CI
