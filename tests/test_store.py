@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from studies.lab.store import (
     CONFIG,
@@ -81,6 +82,8 @@ def test_layout_and_records(tmp_path):
         env = json.loads((d / ENV).read_text())
         assert env["seed"] == config["seed"] and env["versions"]["torch"].startswith("2.13")
         assert "commit" in env["git"]
+        # the vector kernels that rounded its float32 (AVX2 and AVX512 machines give other records)
+        assert env["cpu"]["capability"] == torch.backends.cpu.get_cpu_capability() and env["cpu"]["model"]
 
 
 def test_finished_runs_skipped_and_unfinished_redone(tmp_path):

@@ -253,9 +253,23 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _cpu_model() -> str:
+    """The processor's name (``model name`` in /proc/cpuinfo; ``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def environment(*, seed: int | None = None, device: str = "cpu") -> dict[str, Any]:
-    """What a result depends on beyond its config: versions, device, threads, git commit, a digest of
-    the source (:func:`source_digest`), seed."""
+    """What a result depends on beyond its config: versions, device, threads, the CPU (its vector
+    kernels round float32 differently: the same code and seed gave other records on an AMD EPYC with
+    AVX2 than on the Intel Xeon that made the committed ones), git commit, a digest of the source
+    (:func:`source_digest`), seed."""
     import torch
 
     env: dict[str, Any] = {
@@ -267,6 +281,7 @@ def environment(*, seed: int | None = None, device: str = "cpu") -> dict[str, An
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "argv": sys.argv,
         "torch_threads": torch.get_num_threads(),
+        "cpu": {"model": _cpu_model(), "capability": torch.backends.cpu.get_cpu_capability()},
         "versions": {
             name: _version(name)
             for name in ("whybn", "torch", "numpy", "scipy", "pandas", "matplotlib", "seaborn", "mnist1d")
