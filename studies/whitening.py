@@ -427,9 +427,9 @@ def conditioning_gain(df: pd.DataFrame, site: str, other: str) -> pd.Series:
     table = conditioning_table(df)
     if table.empty or site not in table.index.get_level_values("site") or not {"bn", other} <= set(table):
         return pd.Series(dtype=float)
-    at_site = table.xs(site, level="site")
-    ratio = np.log(at_site["bn"] / at_site[other])
-    return ratio[np.isfinite(ratio)].groupby(level="seed").mean()
+    pair = table.xs(site, level="site")[["bn", other]]
+    pair = pair[np.isfinite(pair).all(axis=1)]  # κ = ∞ (a singular covariance) on either side: no ratio
+    return np.log(pair["bn"] / pair[other]).groupby(level="seed").mean()
 
 
 def late_training_loss(df: pd.DataFrame) -> pd.DataFrame:

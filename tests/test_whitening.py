@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -151,3 +152,20 @@ def test_runs_are_deterministic(results, tmp_path):
         _, again = store.load(run_id)
         _, first = results.load(run_id)
         assert again == first
+
+
+def test_conditioning_gain_leaves_out_pairs_with_a_singular_side():
+    """A singular covariance (κ = ∞) on either side has no finite log-ratio: the pair is left out,
+    without the 'divide by zero in log' warning the old ratio of ∞ gave (log(finite/∞) = log 0)."""
+    import pandas as pd
+
+    rows = [
+        {"probe": "conditioning", "metric": "condition_number", "site": "norm_output", "seed": 0, "step": 0,
+         "layer": layer, "variant": variant, "value": value}
+        for layer, bn, dbn in (("a", 100.0, 10.0), ("b", 50.0, np.inf), ("c", np.inf, 5.0))
+        for variant, value in (("bn", bn), ("dbn", dbn))
+    ]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gain = study.conditioning_gain(pd.DataFrame(rows), "norm_output", "dbn")
+    assert gain.to_dict() == {0: pytest.approx(np.log(10.0))}
