@@ -652,21 +652,27 @@ class FunctionalLoss:
     ) -> tuple[Tensor | None, ...]:
         """∇L(θ) with respect to ``inputs`` (leaves θ is made of; None for one L does not depend on):
         one forward and one backward pass per batch, :meth:`bound` to θ."""
+        return self.value_and_grad_at(theta, inputs)[1]
+
+    def value_and_grad_at(
+        self, theta: Tensor | dict[str, Tensor], inputs: Sequence[Tensor]
+    ) -> tuple[float, tuple[Tensor | None, ...]]:
+        """(L(θ), :meth:`grad_at`) from the same forward and backward passes."""
+
+        def forward_backward() -> tuple[Tensor, tuple[Tensor | None, ...]]:
+            loss = self(theta)
+            return loss, torch.autograd.grad(loss, inputs, allow_unused=True)
+
         with torch.enable_grad():
-            return self.bound(theta, lambda: torch.autograd.grad(self(theta), inputs, allow_unused=True))
+            loss, grads = self.bound(theta, forward_backward)
+        return float(loss.detach()), grads
 
     def value_and_grad(self, theta: Tensor) -> tuple[float, Tensor]:
         """(L(θ), ∇L(θ)) at a flat θ: one forward and one backward pass per batch; a zero gradient
         when the loss does not depend on the chosen parameters."""
         leaf = theta.detach().clone().requires_grad_(True)
-
-        def forward_backward() -> tuple[Tensor, Tensor | None]:
-            loss = self(leaf)
-            return loss, torch.autograd.grad(loss, leaf, allow_unused=True)[0]
-
-        with torch.enable_grad():
-            loss, grad = self.bound(leaf, forward_backward)
-        return float(loss.detach()), torch.zeros_like(leaf) if grad is None else grad.detach()
+        loss, (grad,) = self.value_and_grad_at(leaf, [leaf])
+        return loss, torch.zeros_like(leaf) if grad is None else grad.detach()
 
 
 def functional_loss(

@@ -191,16 +191,8 @@ def _gradient(
     optimizer's ``step`` leaves it alone); call inside ``probe_guard``."""
     f = FunctionalLoss(model, loss_fn, pairs, resolve_params(model, names), bn)
     leaves = {n: t.detach().clone().requires_grad_(True) for n, t in f.unflatten(f.theta0).items()}
-
-    def forward_backward() -> tuple[Tensor, tuple[Tensor | None, ...]]:
-        loss = f(leaves)
-        return loss, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-
-    with torch.enable_grad():
-        loss, grads = f.bound(leaves, forward_backward)
-    return float(loss.detach()), {
-        n: None if g is None else g.detach() for n, g in zip(leaves, grads, strict=True)
-    }
+    loss, grads = f.value_and_grad_at(leaves, list(leaves.values()))
+    return loss, {n: None if g is None else g.detach() for n, g in zip(leaves, grads, strict=True)}
 
 
 def _dense(grads: dict[str, Tensor | None], name: str, like: Tensor) -> Tensor:
