@@ -137,7 +137,7 @@ def _second_moment(x: Tensor, center: bool) -> Tensor:
 def data_eps(x: Tensor | np.ndarray) -> float | None:
     """The machine epsilon of data ``x``'s dtype (None for integers, which are exact): the ε_data of the
     rank tolerance (module docstring)."""
-    dtype = torch.as_tensor(x).dtype if not isinstance(x, Tensor) else x.dtype
+    dtype = torch.as_tensor(x).dtype  # a tensor as it is; a numpy array shared, not copied
     return float(torch.finfo(dtype).eps) if dtype.is_floating_point else None
 
 

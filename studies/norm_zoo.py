@@ -503,7 +503,7 @@ def claims(runs: pd.DataFrame, ladder: pd.DataFrame, config: Config) -> list[Cla
         acc = _paired(runs, "test_accuracy", "none", "bn")
         steps = _paired(runs, "steps_to_target", "none", "bn")
         lr = _paired(ladder, "max_stable_lr", "none", "bn")
-        bounds = _paired(ladder.assign(c=ladder["lr_censored"].fillna("") != ""), "c", "none", "bn")
+        bounds = _paired(ladder.assign(c=_censored(ladder)), "c", "none", "bn")
         censored = int(bounds.reindex(lr.index).any(axis=1).sum())
         lam = _paired(runs, "lambda_max", "none", "bn")
         unpaired = sorted(set(runs["arch"]) - set(lam.index.get_level_values("arch")))
@@ -567,6 +567,12 @@ def claims(runs: pd.DataFrame, ladder: pd.DataFrame, config: Config) -> list[Cla
     return out
 
 
+def _censored(ladder: pd.DataFrame) -> pd.Series:
+    """Per ladder row, whether its largest stable lr is a censored bound (``lr_censored`` "above" or
+    "below"; empty, or NaN once read back from the CSV, when measured)."""
+    return ladder["lr_censored"].fillna("") != ""
+
+
 def _cell_note(cell: pd.DataFrame, metric: str, is_applicable: bool) -> str:
     """What a figure cell says besides its points: "n/a" (a norm the arch cannot take), "diverged",
     "∞" where the runs' values are +∞ (a singular layer-input covariance: κ = ∞), and for the
@@ -574,7 +580,7 @@ def _cell_note(cell: pd.DataFrame, metric: str, is_applicable: bool) -> str:
     if not is_applicable:
         return "n/a"
     if metric == "max_stable_lr":
-        bounds = int((cell["lr_censored"].fillna("") != "").sum())
+        bounds = int(_censored(cell).sum())
         return (
             "" if not bounds else "censored" if bounds == len(cell) else f"{bounds} of {len(cell)} censored"
         )
@@ -618,9 +624,9 @@ def analyze(df: pd.DataFrame, config: Config, out_dir: Path) -> list[Claim]:
                 mine = runs[runs["arch"] == arch]
                 sns.pointplot(mine, x="norm", y="test_accuracy_batch_stats", order=norms, color="0.5",
                               errorbar=None, markers="x", markersize=4, linestyle="none", ax=ax)  # fmt: skip
-            mine = source[source["arch"] == arch]
+            cells = source[source["arch"] == arch]
             for i, norm in enumerate(norms):
-                note = _cell_note(mine[mine["norm"] == norm], metric, applicable(arch, norm))
+                note = _cell_note(cells[cells["norm"] == norm], metric, applicable(arch, norm))
                 if note:
                     ax.text(
                         i, 0.5, note, transform=ax.get_xaxis_transform(), ha="center", fontsize=6, rotation=90
