@@ -167,7 +167,8 @@ def hessian_density(
 class OutlierResult:
     """Ghorbani, Krishnan & Xiao (2019): the top-K outlier eigenvalues and how the gradient aligns.
 
-    ``ratio`` = λ₁/λ_K; ``gradient_fraction`` = ‖Vᵀg‖²/‖g‖² for the top-K eigenvectors V.
+    ``ratio`` = λ₁/λ_K (NaN when λ_K ≤ 0: fewer than K positive eigenvalues, so no K outliers);
+    ``gradient_fraction`` = ‖Vᵀg‖²/‖g‖² for the top-K eigenvectors V.
     """
 
     values: np.ndarray

@@ -880,7 +880,9 @@ def density(
     ``sigma`` defaults to 1% of the node range ``max θ − min θ`` (or 1% of ``max |θ|``, or 1, if the
     range is zero or at the rounding level); ``grid`` defaults to ``n_grid`` points over
     ``[min θ − 5σ, max θ + 5σ]``, more where needed for a spacing of at most ``σ``, on which the density
-    integrates to 1 up to the Gaussian tails (``< 1e-6``). ``n_iter`` is capped at ``n``.
+    integrates to 1 up to the Gaussian tails (``< 1e-6``); a ``sigma`` so small that this needs more
+    than 10⁷ points is a ``ValueError`` (give a ``grid`` over the part of interest instead). ``n_iter``
+    is capped at ``n``.
     Costs ``n_runs · n_iter`` matvecs (fewer after breakdowns).
     """
     n = _size(op)
@@ -914,17 +916,40 @@ def density(
         sigma = 0.01 * width
     if grid is None:  # the trapezoid rule integrates a Gaussian to ~1e-8 with a spacing of σ
         n_points = max(n_grid, math.ceil((hi - lo) / sigma) + 11)
+        if n_points > _MAX_DENSITY_GRID:
+            raise ValueError(
+                f"sigma = {sigma:g} needs {n_points} grid points to resolve the node range "
+                f"[{lo:g}, {hi:g}] (at most {_MAX_DENSITY_GRID}); pass a larger sigma, or a grid "
+                f"over the part of the spectrum of interest"
+            )
         grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, n_points)
     else:
         grid = np.asarray(grid, dtype=np.float64)
         if grid.ndim != 1 or grid.size < 2 or np.any(np.diff(grid) <= 0):
             raise ValueError("grid must be a strictly increasing 1-D array with at least 2 points")
-    # (n_grid, n_runs * m) Gaussians, weighted and summed over nodes
-    z = (grid[:, None] - nodes.reshape(1, -1)) / sigma
-    dens = (np.exp(-0.5 * z**2) / (sigma * math.sqrt(2 * math.pi))) @ weights.reshape(-1)
     return SpectralDensity(
-        nodes=nodes, weights=weights, grid=grid, density=dens, sigma=float(sigma), n_matvecs=A.count
+        nodes=nodes,
+        weights=weights,
+        grid=grid,
+        density=_smoothed(grid, nodes.reshape(-1), weights.reshape(-1), sigma),
+        sigma=float(sigma),
+        n_matvecs=A.count,
     )
+
+
+_MAX_DENSITY_GRID = 10_000_000  # 80 MB of grid and as much of density
+_DENSITY_CHUNK = 1 << 22  # grid points × nodes per block: 32 MB of float64 temporaries
+
+
+def _smoothed(grid: np.ndarray, nodes: np.ndarray, weights: np.ndarray, sigma: float) -> np.ndarray:
+    """``Σ_j w_j N(grid; θ_j, σ²)``, a block of grid points at a time (a small σ makes the grid long:
+    all points × all nodes at once took gigabytes)."""
+    dens = np.empty(grid.size)
+    rows = max(1, _DENSITY_CHUNK // max(1, nodes.size))
+    for start in range(0, grid.size, rows):
+        z = (grid[start : start + rows, None] - nodes[None, :]) / sigma
+        dens[start : start + rows] = (np.exp(-0.5 * z**2) / (sigma * math.sqrt(2 * math.pi))) @ weights
+    return dens
 
 
 # --------------------------------------------------------------------------------------------------
@@ -938,7 +963,11 @@ def outlier_ratio(values_desc: np.ndarray | Tensor | list[float], num_classes: i
     Ghorbani, Krishnan & Xiao (2019) find ``K`` (number of classes) outlier eigenvalues separated from
     the bulk; with BN the outliers shrink relative to each other and the ratio ``λ_1/λ_K`` (how much the
     single top direction dominates) drops. Needs at least ``num_classes`` values; raises ``ValueError``
-    naming ``values_desc`` if they are not sorted descending or ``λ_K = 0``.
+    naming ``values_desc`` if they are not sorted descending.
+
+    The ratio is defined for ``λ_K > 0`` only: at a point with fewer than K positive eigenvalues there
+    are not K outliers, and λ₁/λ_K would be infinite or negative. It is then NaN (a record of an
+    undefined value, not an error: such points occur in training, e.g. at saddles early on).
     """
     vals = np.asarray(
         values_desc.detach().cpu() if isinstance(values_desc, Tensor) else values_desc, dtype=np.float64
@@ -950,8 +979,8 @@ def outlier_ratio(values_desc: np.ndarray | Tensor | list[float], num_classes: i
         raise ValueError(f"values_desc needs at least num_classes={num_classes} values, got {vals.size}")
     if np.any(np.diff(vals[:num_classes]) > 0):
         raise ValueError("values_desc must be sorted in descending order")
-    if vals[num_classes - 1] == 0:
-        raise ValueError("values_desc[num_classes - 1] is 0: the ratio is undefined")
+    if not vals[num_classes - 1] > 0:
+        return float("nan")
     return float(vals[0] / vals[num_classes - 1])
 
 

@@ -304,8 +304,7 @@ def hessian_probe(
         values = np.asarray(eig.values, dtype=np.float64)
         basis, _ = np.linalg.qr(np.asarray(eig.vectors, dtype=np.float64))  # float32 Ritz vectors → exact
         fraction = spectral.gradient_fraction_in_top_subspace(gradient, basis)
-        defined = len(values) == num_classes and values[-1] > 0
-        ratio = values[0] / values[-1] if defined else float("nan")
+        ratio = spectral.outlier_ratio(values, num_classes) if len(values) == num_classes else float("nan")
         tag = {"bn": bn, "view": view}
         rows = [
             {"probe": "hessian", "metric": "eigenvalue", "index": i, "value": float(v), **tag}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from probes.functional import ModelState
 from probes.hessian import (
@@ -113,6 +116,21 @@ def test_outliers_at_a_zero_initialized_head_need_a_block():
     assert block.ratio == pytest.approx(exact[0] / exact[K - 1], rel=1e-7) and block.converged
     top = hessian_eigenvalues(model, F.cross_entropy, (X, y), k=K - 1, tol=1e-8, block_size=K - 1)
     np.testing.assert_allclose(top.values, exact[: K - 1], rtol=1e-7)
+
+
+def test_outlier_ratio_is_nan_when_lambda_k_is_negative():
+    """Hessian diag(2, −2, −4): one positive eigenvalue, so no K = 2 outliers. The probe returned
+    λ1/λ2 = −1 as a ratio; it now records NaN and still returns the eigenvalues and gradient fraction."""
+    model = nn.Linear(3, 1, bias=False).double()
+    X = torch.eye(3, dtype=torch.float64)
+    curvature = torch.tensor([1.0, -1.0, -2.0], dtype=torch.float64)
+
+    def loss_fn(out, _):
+        return (curvature * out.squeeze(1).pow(2)).sum()
+
+    result = hessian_outliers(model, loss_fn, (X, torch.zeros(3)), num_classes=2, tol=1e-10)
+    np.testing.assert_allclose(result.values, [2.0, -2.0], atol=1e-9)
+    assert math.isnan(result.ratio) and 0.0 <= result.gradient_fraction <= 1.0
 
 
 def test_outliers_match_explicit_eigenpairs():

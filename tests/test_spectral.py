@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
+from probes import spectral
 from probes.spectral import (
     EigenResult,
     MatrixOperator,
@@ -326,6 +329,26 @@ def test_density_integrates_to_one_for_an_isotropic_operator_and_a_small_sigma()
         assert np.trapezoid(res.density, res.grid) == pytest.approx(1.0, abs=1e-6)
 
 
+def test_density_in_blocks_equals_the_dense_sum_and_a_hopeless_sigma_is_refused(monkeypatch) -> None:
+    """A small σ makes a long grid: all grid points × all nodes at once took ~0.5 GB at σ = 1e-4 over a
+    spectrum of width 22. The density is now summed a block of grid points at a time (the same values
+    up to rounding), and a σ that needs more than 10⁷ points is a ValueError naming sigma, not an
+    out-of-memory."""
+    op = MatrixOperator(MATRICES["indefinite"])
+    whole = density(op, n_iter=10, n_runs=3, sigma=0.05, seed=2)
+    dense = (np.exp(-0.5 * ((whole.grid[:, None] - whole.nodes.reshape(1, -1)) / 0.05) ** 2)
+             / (0.05 * np.sqrt(2 * np.pi))) @ whole.weights.reshape(-1)  # fmt: skip
+    np.testing.assert_allclose(whole.density, dense, rtol=1e-13, atol=1e-300)
+    monkeypatch.setattr(spectral, "_DENSITY_CHUNK", 7 * whole.nodes.size)  # 7 grid points a block
+    blocks = density(op, n_iter=10, n_runs=3, sigma=0.05, seed=2)
+    np.testing.assert_allclose(blocks.density, whole.density, rtol=1e-14, atol=1e-300)  # BLAS rounding
+    with pytest.raises(ValueError, match=r"sigma = 1e-12 needs \d+ grid points"):
+        density(op, n_iter=10, n_runs=3, sigma=1e-12, seed=2)
+    # an explicit grid is the way to a fine σ over part of the spectrum
+    part = density(op, n_iter=10, n_runs=3, sigma=1e-12, grid=np.linspace(0.0, 1.0, 11), seed=2)
+    assert part.density.shape == (11,)
+
+
 def test_density_custom_grid_sigma_reproducible_and_bad_inputs() -> None:
     op = MatrixOperator(MATRICES["indefinite"])
     grid = np.linspace(-40, 30, 2001)
@@ -353,6 +376,13 @@ def test_outlier_ratio() -> None:
         outlier_ratio([1.0, 2.0, 3.0], 3)
     with pytest.raises(ValueError, match="num_classes"):
         outlier_ratio([1.0], 0)
+
+
+@pytest.mark.parametrize("values", [[3.0, 1.0, 0.0], [3.0, 1.0, -0.5], [-1.0, -2.0, -3.0]])
+def test_outlier_ratio_is_nan_without_k_positive_eigenvalues(values: list[float]) -> None:
+    """λ1/λK is defined for λK > 0 only: with fewer than K positive eigenvalues it was infinite, an error
+    (λK = 0) or negative (3/−0.5 = −6 passed for a ratio); now it is NaN, as a study records it."""
+    assert math.isnan(outlier_ratio(values, 3))
 
 
 def test_gradient_fraction_in_top_subspace() -> None:
