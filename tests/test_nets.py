@@ -15,12 +15,12 @@ from studies.lab.nets import ACTIVATIONS, ARCHS, make_net
 from studies.lab.norms import NEEDS_POSITIONS, NORMS
 
 SHAPES = {"signal": (40,), "channels": (2, 16), "image": (1, 12, 12)}
-SMALL = {
-    "mlp": dict(depth=2, width=8),
-    "dln": dict(depth=3, width=8),
+SMALL = {  # (N, C) layers 16 wide: gn's default 8 groups hold 2 channels (1 is an error)
+    "mlp": dict(depth=2, width=16),
+    "dln": dict(depth=3, width=16),
     "vgg": dict(depth=3, width=4),
     "resnet": dict(depth=8, width=4),
-    "transformer": dict(depth=1, width=8),
+    "transformer": dict(depth=1, width=16),
 }
 NO_POSITIONS = {"mlp", "dln", "transformer"}  # archs whose norms see (N, C) inputs
 
@@ -66,6 +66,16 @@ def test_every_norm_every_arch_forward_backward(norm, arch, shape):
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
     assert torch.isfinite(net.eval()(x)).all()
+
+
+def test_norms_over_single_values_are_refused_in_a_net():
+    """A ResNet on 4×4 images ends on 1×1 maps, where instance norm returned its bias: logits that do
+    not depend on the input. The forward pass now names the layer's shape instead."""
+    net = small("resnet", "in", (1, 4, 4))
+    with pytest.raises(ValueError, match=r"InstanceNorm .* input shape \(8, 16, 1, 1\)"):
+        net(batch((1, 4, 4))[0])
+    with pytest.raises(ValueError, match=r"GroupNorm with 8 groups .* input shape \(8, 8\)"):
+        small("mlp", "gn", (40,), width=8)(batch((40,))[0])
 
 
 # --------------------------------------------------------------------------------------------- autodiff
@@ -326,7 +336,7 @@ def test_transformer_prenorm_differs_from_postnorm():
     h = post.blocks[0].register_forward_hook(lambda m, i, o: out.setdefault("y", o))
     post(x)
     h.remove()
-    assert out["y"].shape == (8, 10, 8)  # (N, T, C): 40 / patch 4 = 10 tokens
+    assert out["y"].shape == (8, 10, 16)  # (N, T, C): 40 / patch 4 = 10 tokens
     torch.testing.assert_close(out["y"].mean(-1), torch.zeros(8, 10), atol=1e-5, rtol=0)
     assert isinstance(post.norm, nn.Identity)
 
@@ -337,14 +347,14 @@ def test_transformer_prenorm_differs_from_postnorm():
 )
 def test_transformer_default_patch(in_shape, tokens):
     net = small("transformer", "ln", in_shape)
-    assert net.pos.shape == (1, tokens, 8)
+    assert net.pos.shape == (1, tokens, 16)
     assert isinstance(net.embed, nn.Conv1d if len(in_shape) < 3 else nn.Conv2d)
     assert net(batch(in_shape, n=2)[0]).shape == (2, 3)
 
 
 def test_transformer_image_tokens_and_attention_rows():
     net = small("transformer", "ln", (1, 12, 12), patch=4)
-    assert net.pos.shape == (1, 9, 8)
+    assert net.pos.shape == (1, 9, 16)
     with pytest.raises(ValueError, match="patch"):
         small("transformer", "ln", (1, 10, 10))  # neither 4 nor 7 divides 10
     with pytest.raises(ValueError, match="patch"):

@@ -112,6 +112,42 @@ def test_iternorm_converges_with_iterations():
     assert errors[-1] < 0.1 * errors[0], errors
 
 
+def test_iternorm_is_the_papers_iteration_and_stays_stable_for_many_iterations():
+    """W = P_T/√tr Σ with the paper's P_k = ½(3P − P³Σ_N), computed without rounding in Σ's eigenbasis
+    (a scalar recursion per eigenvalue). At κ(Σ) = 2·10⁴ the one-matrix form drifted from it by a
+    factor 5e2 at T = 14 and gave NaN at T = 20 in float64, and was 90× off at T = 11 in float32 (finite:
+    nothing flagged it); the coupled form follows it to rounding."""
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=D))
+    x = torch.randn(64, 16, generator=g, dtype=D) @ torch.diag(torch.logspace(0, -2.2, 16, dtype=D)) @ q.T
+    xc = x - x.mean(0)
+    sigma = xc.T @ xc / 64 + 1e-5 * torch.eye(16, dtype=D)
+    lam, u = torch.linalg.eigh(sigma)
+    assert lam[-1] / lam[0] > 2e4
+    for t in (5, 11, 20):
+        p = torch.ones_like(lam)
+        for _ in range(t):
+            p = 1.5 * p - 0.5 * p**3 * lam / lam.sum()
+        exact = u @ torch.diag(p / lam.sum().sqrt()) @ u.T
+        expected = xc @ exact.T
+        for dtype, rtol in ((D, 1e-10), (torch.float32, 1e-3)):  # float32: Σ itself is κε off
+            y = make_norm("iternorm", 16, iterations=t, group_size=16, affine=False).to(dtype)(x.to(dtype))
+            assert y.isfinite().all()
+            err = (y.double() - expected).norm() / expected.norm()
+            assert err < rtol, (t, dtype, float(err))
+
+
+def test_group_norms_refuse_groups_of_one_value():
+    """gn's default 8 groups on an (N, 8) layer left one value a group: x − mean = 0, so the output was
+    the bias for every input (an MLP of width 8 with gn had input-independent logits and zero
+    gradients). Now a ValueError naming the shape; so is ln on (N, 1) and in on a single position."""
+    for name, shape in (("gn", (4, 8)), ("ln", (4, 1)), ("in", (4, 8, 1)), ("gn", (4, 16, 1, 1))):
+        norm = make_norm(name, shape[1], **({"groups": 16} if shape[1:] == (16, 1, 1) else {}))
+        with pytest.raises(ValueError, match=r"single values on input shape \(4, "):
+            norm(_randn(*shape, seed=1))
+    assert make_norm("gn", 8)(_randn(4, 8, 2, seed=1)).shape == (4, 8, 2)  # 2 positions: defined
+
+
 @pytest.mark.parametrize("name", ["dbn", "iternorm"])
 def test_whitening_cumulative_average_with_momentum_none(name):
     m = make_norm(name, 6, group_size=3, momentum=None, affine=False).double()
@@ -504,11 +540,11 @@ def test_lp_bn_scales_and_running_stats(p):
 
 
 def test_registry_shapes_and_errors():
-    for name in NORMS:
-        for shape in ((8, 4), (8, 4, 3), (8, 4, 3, 2)):
+    for name in NORMS:  # 16 channels: gn's default 8 groups hold 2 channels on (N, C)
+        for shape in ((8, 16), (8, 16, 3), (8, 16, 3, 2)):
             if name in NEEDS_POSITIONS and len(shape) == 2:
                 continue
-            y = make_norm(name, 4).double()(_randn(*shape, seed=32))
+            y = make_norm(name, 16).double()(_randn(*shape, seed=32))
             assert y.shape == shape and y.isfinite().all()
     with pytest.raises(KeyError, match=r"dbn.*iternorm.*wn"):
         make_norm("batchnorm", 4)
@@ -521,6 +557,10 @@ def test_registry_shapes_and_errors():
         ("noise", {"noise_mean": -1.0}, "noise_mean"),
         ("bn", {"momentum": 2.0}, "momentum"),
         ("gn", {"groups": 0}, "groups"),
+        ("gn", {"groups": 4.0}, "groups must be a positive int"),  # was a TypeError from range()
+        ("gn", {"eps": 0.0}, "eps"),  # was built, then NaN on a constant input
+        ("ln", {"eps": -1e-3}, "eps"),
+        ("in", {"eps": 0.0}, "eps"),
     ]
     for name, options, match in bad:
         with pytest.raises(ValueError, match=match):
