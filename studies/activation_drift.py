@@ -17,6 +17,9 @@ Claims tested (from the records; one value per seed, paired by seed):
 2. *Test accuracy with BN is at least as high.* Statistic = final test accuracy with BN minus without;
    holds if the 95% CI's upper end is ≥ 0 (BN not significantly worse).
 
+A run that diverged (the train loop's ``diverged`` row) has neither a drift over training nor a final
+accuracy (its records stop before it blew up) and leaves its pair out of both claims.
+
 Reproduce::
 
     whybn run activation_drift                    # quick preset, ~1 minute on 2 CPU cores
@@ -34,6 +37,7 @@ import pandas as pd
 import torch
 
 from analysis.claims import Claim, test_claim
+from analysis.load import diverged_runs
 from analysis.style import NORM_LABELS, labeled_legend, norm_palette, ordered_norms, save_figure, use_style
 from probes.activations import capture_layer_inputs
 from probes.functional import norm_mode
@@ -133,8 +137,9 @@ def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
 
 
 def drift_per_run(df: pd.DataFrame) -> pd.DataFrame:
-    """Per run: mean over units of range_t(p50) + range_t(p85 − p15) of the sigmoid's input."""
-    rows = df[df["probe"] == "sigmoid_input"]
+    """Per run that did not diverge: mean over units of range_t(p50) + range_t(p85 − p15) of the
+    sigmoid's input."""
+    rows = df[(df["probe"] == "sigmoid_input") & ~df["run_id"].isin(diverged_runs(df))]
     wide = rows.pivot_table(
         index=["run_id", "norm", "seed", "layer", "step"], columns="metric", values="value"
     )
@@ -148,7 +153,9 @@ def drift_per_run(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def final_accuracy(df: pd.DataFrame) -> pd.DataFrame:
-    acc = df[(df["probe"] == "eval") & (df["metric"] == "test_accuracy")]
+    """Per run that did not diverge: the test accuracy of its last evaluation."""
+    finished = ~df["run_id"].isin(diverged_runs(df))
+    acc = df[(df["probe"] == "eval") & (df["metric"] == "test_accuracy") & finished]
     last = acc.loc[acc.groupby("run_id")["step"].idxmax()]
     return last[["run_id", "norm", "seed", "value"]].rename(columns={"value": "test_accuracy"})
 

@@ -46,7 +46,8 @@ Claims tested (from the records; one value per seed, paired by seed). *Training 
 the mean of the logged minibatch training accuracies (every ``log_every`` updates, and the last)
 over the last 10% of its updates (the paper's Fig. 2 plots
 training accuracy; the noisy network's inference mode is not the network that was trained). A run that
-diverged has no final value and leaves its pair out (``n`` counts the pairs).
+diverged has no final value and no instability over training, and leaves its pair out (``n`` counts
+the pairs).
 
 1. *Noisy BN trains about as well as BN.* Statistic = training accuracy noisy BN − BN; holds if the 95%
    CI's lower end is above −0.02 (not more than 2 points worse).
@@ -255,10 +256,13 @@ def final_train_accuracy(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def instability(df: pd.DataFrame) -> pd.DataFrame:
-    """Per run: mean over layers of the mean W1 shift of layer inputs between consecutive probe points."""
+    """Per run: mean over layers of the mean W1 shift of layer inputs between consecutive probe points;
+    NaN for a run that diverged (its shifts stop before the end of training)."""
     w1 = df[(df["probe"] == "distribution_shift") & (df["metric"] == "wasserstein")]
     per_layer = w1.groupby(["run_id", "norm", "seed", "layer"])["value"].mean()
-    return per_layer.groupby(level=["run_id", "norm", "seed"]).mean().rename("instability").reset_index()
+    out = per_layer.groupby(level=["run_id", "norm", "seed"]).mean().rename("instability").reset_index()
+    out.loc[out["run_id"].isin(diverged_runs(df)), "instability"] = np.nan
+    return out
 
 
 def _paired(per_run: pd.DataFrame, column: str, a: str, b: str) -> pd.DataFrame:

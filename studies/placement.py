@@ -2,7 +2,7 @@
 
 Ioffe & Szegedy 2015 (§3.2) put BN between the affine layer and the nonlinearity, x = W u + b →
 BN(x) → g(·), arguing that W u + b is "more likely to have a symmetric, non-sparse distribution"
-than the layer input u, and that normalizing it keeps a sigmoid out of its saturated regime; many
+than the layer input u (their saturation argument, §1 and §4.2, is for BN against no BN); many
 later practitioners put BN after the activation instead, and the literature has no settled answer.
 We compare the two placements (``make_net(..., placement="before" | "after")``; "after" is
 layer → act → BN) for three activations — ReLU, tanh and sigmoid — with a no-norm baseline.
@@ -43,6 +43,10 @@ Claims tested (from the records; one value per seed, paired by seed; per activat
    ``saturated_fraction`` (mean over hidden layers) with ``bn_after`` minus with ``bn_before``,
    averaged over the probe steps t > 0; holds if the 95% CI's lower end is above 0.
 
+A run that diverged (the train loop's ``diverged`` row) has no final accuracy and no saturation over
+training: its last records are from before it blew up, often its untrained initial net. It leaves its
+pair out; a case whose pairs all left has ``n`` = 0 and does not hold.
+
 Figure ``placement``: one row per activation (and learning rate): (a) test accuracy over training,
 (b) the saturated fraction over training (ReLU: inactive fraction), (c) β_eff at the landscape steps.
 Figure ``placement_accuracy``: final test accuracy per seed and variant.
@@ -66,6 +70,7 @@ import torch
 from torch import Tensor
 
 from analysis.claims import Claim, test_claim
+from analysis.load import diverged_runs
 from analysis.style import NORM_LABELS, labeled_legend, norm_palette, save_figure, use_style
 from probes.activations import capture_layer_inputs
 from probes.functional import norm_mode
@@ -258,19 +263,23 @@ KEYS = ["arch", "activation", "lr", "seed"]
 
 
 def final_accuracy(df: pd.DataFrame) -> pd.DataFrame:
-    """Per run: the test accuracy of the last evaluation (columns KEYS, variant, test_accuracy)."""
+    """Per run: the test accuracy of the last evaluation (columns KEYS, variant, test_accuracy); NaN for
+    a run that diverged (its last evaluation is from before, not the end of training)."""
     acc = df[(df["probe"] == "eval") & (df["metric"] == "test_accuracy")]
     last = acc.loc[acc.groupby("run_id")["step"].idxmax()]
+    last = last.assign(value=last["value"].where(~last["run_id"].isin(diverged_runs(df))))
     return last[[*KEYS, "variant", "value"]].rename(columns={"value": "test_accuracy"})
 
 
 def mean_saturation(df: pd.DataFrame) -> pd.DataFrame:
-    """Per run: ``saturated_fraction`` of layer "all" averaged over the probe steps t > 0."""
+    """Per run that did not diverge: ``saturated_fraction`` of layer "all" averaged over the probe
+    steps t > 0."""
     rows = df[
         (df["probe"] == "saturation")
         & (df["metric"] == "saturated_fraction")
         & (df["layer"] == "all")
         & (df["step"] > 0)
+        & ~df["run_id"].isin(diverged_runs(df))
     ]
     return rows.groupby([*KEYS, "variant"], as_index=False)["value"].mean()
 
@@ -283,18 +292,23 @@ def paired_difference(per_run: pd.DataFrame, column: str, a: str, b: str) -> pd.
     return (wide[a] - wide[b]).dropna()
 
 
-def _cases(diff: pd.Series) -> list[tuple[tuple[str, str, float], np.ndarray]]:
-    """((arch, activation, lr), per-seed values) for every case in ``diff``."""
-    if diff.empty:
-        return []
-    return [(key, part.to_numpy()) for key, part in diff.groupby(level=["arch", "activation", "lr"])]
+def _cases(
+    df: pd.DataFrame, diff: pd.Series, a: str, b: str
+) -> list[tuple[tuple[str, str, float], np.ndarray]]:
+    """((arch, activation, lr), per-seed values of ``diff``) for every case where both variants ``a``
+    and ``b`` were run: a case whose pairs all left (diverged runs) gets no values, so that its claim
+    says n = 0 instead of vanishing."""
+    runs = df[df["variant"].isin([a, b])][[*KEYS[:3], "variant"]].drop_duplicates()
+    both = runs.groupby(KEYS[:3])["variant"].nunique() == 2
+    parts = {} if diff.empty else dict(list(diff.groupby(level=KEYS[:3])))
+    return [(case, parts[case].to_numpy() if case in parts else np.array([])) for case in both[both].index]
 
 
 def claims(df: pd.DataFrame) -> list[Claim]:
     """Claim 1 per (arch, activation, lr), then claim 2 per (arch, saturating activation, lr)."""
     result = []
     accuracy = paired_difference(final_accuracy(df), "test_accuracy", "bn_before", "bn_after")
-    for (arch, activation, lr), values in _cases(accuracy):
+    for (arch, activation, lr), values in _cases(df, accuracy, "bn_before", "bn_after"):
         result.append(
             test_claim(
                 f"BN before the {activation} is not worse than after it ({arch}, lr {lr:g}): "
@@ -307,7 +321,7 @@ def claims(df: pd.DataFrame) -> list[Claim]:
             )
         )
     saturation = paired_difference(mean_saturation(df), "value", "bn_after", "bn_before")
-    for (arch, activation, lr), values in _cases(saturation):
+    for (arch, activation, lr), values in _cases(df, saturation, "bn_after", "bn_before"):
         if activation not in SATURATING:
             continue
         result.append(

@@ -56,6 +56,9 @@ scale-invariant ones; T = the last step):
    cV/‖cV‖ = V/‖V‖ bit for bit, so its claim-7 statistic is exactly 0: the check rules out a gross
    failure, it does not measure rounding.
 
+A run that diverged (the train loop's ``diverged`` row) has no step T: it leaves claims 1–5. Claims 6–7
+test a property of every probe point and keep its probe points from before the divergence.
+
 Figure ``scale_invariance``: (a) ‖W‖² of the hidden layers (mean over layers) over training, (b) the
 effective learning rate, (c) measured against predicted cumulative growth (runs without WD, each
 hidden layer and probe step a point, the diagonal for reference), (d) |cos∠(∇W, W)| per layer kind
@@ -79,6 +82,7 @@ import pandas as pd
 import torch
 
 from analysis.claims import Claim, test_claim
+from analysis.load import diverged_runs
 from analysis.style import NORM_LABELS, norm_palette, ordered_norms, save_figure, use_style
 from probes.gradients import effective_learning_rates, scale_invariance
 from studies.lab.runs import load_run_data, make_run_net, run_train_config, train_run
@@ -270,8 +274,9 @@ def _at(table: pd.DataFrame, step: int) -> pd.DataFrame:
 
 def decay_statistics(df: pd.DataFrame) -> pd.DataFrame:
     """Per run (norm, weight_decay, seed), over hidden layers: ``total`` = mean log(η_eff(T)/η_eff(0))
-    and ``second_half`` = mean |log(η_eff(T)/η_eff(T/2))|, T the run's last probe step."""
-    table = _hidden(effective_lr_table(df))
+    and ``second_half`` = mean |log(η_eff(T)/η_eff(T/2))|, T the last probe step; runs that diverged
+    are left out."""
+    table = _hidden(effective_lr_table(df[~df["run_id"].isin(diverged_runs(df))]))
     last = int(table["step"].max())
     log_eff = {s: np.log(_at(table, s)["effective_lr"]) for s in (0, last // 2, last)}
     per_layer = pd.DataFrame(
@@ -283,8 +288,9 @@ def decay_statistics(df: pd.DataFrame) -> pd.DataFrame:
 def growth_statistics(df: pd.DataFrame) -> pd.DataFrame:
     """Per run, at the last probe step: ``monotone`` = min over hidden layers of the fraction of updates
     that did not decrease ‖W‖², and ``identity_error`` = max over them of |measured − predicted| /
-    |predicted|, predicted = gradient term + decay term (the decay term is 0 without WD)."""
-    rows = df[df["probe"] == "norm_growth"]
+    |predicted|, predicted = gradient term + decay term (the decay term is 0 without WD); runs that
+    diverged are left out."""
+    rows = df[(df["probe"] == "norm_growth") & ~df["run_id"].isin(diverged_runs(df))]
     wide = rows.pivot_table(
         index=["norm", "weight_decay", "seed", "step", "layer"], columns="metric", values="value"
     ).reset_index()

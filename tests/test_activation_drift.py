@@ -12,6 +12,7 @@ from analysis.load import load_runs
 from studies import activation_drift as study
 from studies.lab.store import RunStore
 from studies.lab.sweep import analyze_study, run_sweep
+from tests.records import diverged_at
 
 TINY = replace(study.QUICK, seeds=2, steps=60, probe_every=20, eval_every=30, units=4, probe_size=200)
 
@@ -93,3 +94,15 @@ def test_runs_are_deterministic(results, tmp_path):
     _, first = results.load(run_id)
     strip = lambda rows: [{k: v for k, v in r.items()} for r in rows]  # noqa: E731
     assert strip(again) == strip(first)
+
+
+def test_a_diverged_run_leaves_its_pair(results):
+    """A diverged run's drift covers only the steps before it blew up and its "final" accuracy is an
+    earlier one (a cut at step 300 of the committed run moved claim 1 from 0.90 to 0.42 at the same n):
+    now its pair leaves both claims."""
+    df = load_runs(results.root, "activation_drift")
+    run = df[(df["norm"] == "none") & (df["seed"] == 0)]["run_id"].iloc[0]
+    claims = study.claims(diverged_at(df, run, 40))
+    assert [c.n for c in claims] == [1, 1]
+    kept = study.claims(df[df["seed"] == 1])
+    assert [c.estimate for c in claims] == [c.estimate for c in kept]

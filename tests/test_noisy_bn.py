@@ -19,6 +19,7 @@ from studies.lab.nets import make_net
 from studies.lab.norms import TimeVaryingNoise
 from studies.lab.store import RunStore
 from studies.lab.sweep import analyze_study, run_sweep
+from tests.records import diverged_at
 
 TINY = replace(
     study.QUICK,
@@ -180,3 +181,12 @@ def test_runs_are_deterministic(results, tmp_path):
     run_sweep(study.STUDY, replace(TINY, seeds=1, norms=("noisy_bn",)), store, log=lambda s: None)
     (run_id,) = store.run_ids()
     assert store.load(run_id)[1] == results.load(run_id)[1]
+
+
+def test_a_diverged_run_leaves_every_claim_it_is_in(results):
+    """Claims 1, 2 and 4 dropped a diverged run; claim 3 (instability) kept the shifts from before it
+    blew up. Now every claim leaves its pair out."""
+    df = load_runs(results.root, "noisy_bn")
+    run = df[(df["norm"] == "noisy_bn") & (df["seed"] == 0)]["run_id"].iloc[0]
+    claims = study.claims(diverged_at(df, run, 40))
+    assert [c.n for c in claims] == [1, 1, 1, 2]  # claim 4 compares noise with none

@@ -13,6 +13,7 @@ from analysis.load import load_runs
 from studies import placement as study
 from studies.lab.store import RunStore
 from studies.lab.sweep import analyze_study, run_sweep
+from tests.records import diverged_at
 
 TINY = replace(
     study.QUICK,
@@ -126,3 +127,19 @@ def test_claims_are_computed_from_records(df, claims):
     assert (
         claims[2]["estimate"] == pytest.approx(np.mean(diff), abs=1e-12) and "sigmoid" in claims[2]["claim"]
     )
+
+
+def test_a_diverged_run_leaves_its_pair_and_a_case_without_pairs_says_n_0(df):
+    """A diverged run's last evaluation is from before it blew up (often its untrained net): the claims
+    scored it as final (BN before was "worse" than a net that diverged at step 70, in a real sweep at
+    lr 2), and a case whose runs all diverged lost its claim row. Now the pair leaves and n says so."""
+    runs = df.drop_duplicates("run_id").set_index(["activation", "variant", "seed"])["run_id"]
+    cut = diverged_at(df, runs["relu", "bn_after", 0], 40)  # its last evaluation: step 20
+    cut = diverged_at(cut, runs["sigmoid", "bn_after", 0], 20)
+    cut = diverged_at(cut, runs["sigmoid", "bn_after", 1], 20)
+    claims = study.claims(cut)
+    assert [(c.n, c.holds) for c in claims[1:]] == [(0, False), (0, False)]  # sigmoid: accuracy, saturation
+    assert "relu" in claims[0].claim and claims[0].n == 1
+    acc = cut[(cut["probe"] == "eval") & (cut["metric"] == "test_accuracy") & (cut["activation"] == "relu")]
+    seed1 = acc[(acc["seed"] == 1) & (acc["step"] == 40)].set_index("variant")["value"]
+    assert claims[0].estimate == pytest.approx(seed1["bn_before"] - seed1["bn_after"], abs=1e-12)

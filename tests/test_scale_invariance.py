@@ -12,6 +12,7 @@ from analysis.load import load_runs
 from studies import scale_invariance as study
 from studies.lab.store import RunStore
 from studies.lab.sweep import analyze_study, run_sweep
+from tests.records import diverged_at
 
 TINY = replace(study.QUICK, seeds=2, depth=2, width=16, steps=40, probe_every=10, eval_every=20)
 HIDDEN = {"blocks.0.layer", "blocks.1.layer"}
@@ -114,3 +115,13 @@ def test_claims_are_computed_from_records(results, df):
     assert claims[2]["estimate"] == pytest.approx(np.mean(error), rel=1e-9)
     assert claims[5]["estimate"] == pytest.approx(np.mean(cosine), rel=1e-12)
     assert claims[0]["holds"] and claims[2]["holds"]
+
+
+def test_a_diverged_run_leaves_the_claims_at_step_t(df):
+    """Claims 1–5 read the end of training: a diverged run has none (claim 1 dropped it, claims 2–3 read
+    its last probe before the divergence as step T). Claims 6–7 test every probe point and keep the
+    ones before it."""
+    run = df[(df["norm"] == "bn") & (df["weight_decay"] == 0) & (df["seed"] == 0)]["run_id"].iloc[0]
+    claims = study.claims(diverged_at(df, run, 30))
+    assert [c.n for c in claims[:7]] == [1, 1, 1, 2, 1, 2, 2]  # BN: claims 4 (WD only) and 6–7 keep 2
+    assert [c.n for c in claims[7:]] == [2] * 7  # WN untouched
