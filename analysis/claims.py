@@ -44,7 +44,10 @@ def test_claim(
     """Decide a claim from per-seed values of a statistic: holds when the whole 95% CI is past ``threshold``.
 
     ``direction=">"``: the CI's lower end is above the threshold; ``"<"``: its upper end is below it;
-    ``">="``: non-inferiority, the CI's upper end is at or above the threshold (not significantly worse).
+    ``">="``: not significantly worse, the CI's upper end is at or above the threshold (this holds
+    whenever the data are uninformative; a non-inferiority test with margin m is ``">"`` against −m).
+    A claim decided on fewer than 2 values does not hold: one value has no interval (it is printed as
+    the point, and a zero-width "95% CI" covers the true mean with probability 0).
     """
     est = bootstrap_ci(values)
     if direction == ">":
@@ -55,7 +58,7 @@ def test_claim(
         holds, rule = est.ci_high >= threshold, f"95% CI upper bound >= {threshold:g}"
     else:
         raise ValueError(f"direction must be '>', '<' or '>=', got {direction!r}")
-    holds = bool(holds) and est.n > 0
+    holds = bool(holds) and est.n >= 2
     return Claim(claim, source, statistic, est.estimate, est.ci_low, est.ci_high, est.n, holds, rule)
 
 

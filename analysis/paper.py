@@ -40,10 +40,10 @@ from analysis import stats
 from analysis.load import diverged_runs, load_runs
 from analysis.style import ordered_norms
 from analysis.tables import (
-    MINUS,
     CiteIndex,
     claim_macros,
     claims_table,
+    config_number,
     dataframe_table,
     format_ci,
     latex_escape,
@@ -194,16 +194,6 @@ def _tex_path(res: StudyResults, results: Path, name: str) -> str:
     return r"\WBresults/" + rel.as_posix()
 
 
-def _config_number(value: float) -> str:
-    """A config value as typed (``0.05``, ``200``), with ``1e-06`` as ``10^{−6}`` rather than a hyphen."""
-    text = f"{value:g}" if isinstance(value, float) else str(value)
-    if "e" not in text:
-        return text.replace("-", MINUS)
-    mantissa, exponent = text.split("e")
-    power = rf"10^{{{int(exponent)}}}"
-    return rf"\ensuremath{{{power}}}" if mantissa == "1" else rf"\ensuremath{{{mantissa}\times{power}}}"
-
-
 def write_study_tex(
     res: StudyResults, results: Path, preset: str, cites: CiteIndex, *, summaries: bool = True
 ) -> dict[str, str]:
@@ -232,7 +222,7 @@ def write_study_tex(
         if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
             continue
         if isinstance(value, (int, float)):
-            macros[f"{name}/config/{key}"] = _config_number(value)
+            macros[f"{name}/config/{key}"] = config_number(value)
         elif isinstance(value, str) and len(value) < 40:
             macros[f"{name}/config/{key}"] = latex_escape(value)
     if summaries:
@@ -266,6 +256,7 @@ def _write_summaries(res: StudyResults, results: Path, preset: str) -> dict[str,
                 r"\wb{stats/confidence}\% bootstrap CI; diverged: seeds whose run diverged, whose last "
                 r"values are not final and are left out).",
                 label=f"tab:{name}:summary",
+                exact=_grid_keys(study),
             ),
         )
         for _, row in summary.iterrows():
@@ -364,7 +355,7 @@ def write_paper_tex(
             log(f"{study.name}: no results under {res.base} (the paper shows `whybn run {study.name}`)")
         sections.append(_study_section(res, results, preset, cites))
     all_claims = [c for cs in board.values() for c in cs]
-    macros["stats/coverage"] = coverage_text(sorted({int(c["n"]) for c in all_claims if c.get("n", 0) >= 2}))
+    macros["stats/coverage"] = coverage_text(claim_sizes(all_claims))
     macros.update(
         {
             "all/studies": str(len(studies)),
@@ -387,6 +378,12 @@ def write_paper_tex(
     write_atomic(out / "macros.tex", GENERATED + macro_lines(macros))
     write_atomic(out / "reproduce.tex", GENERATED + _reproduce(studies, preset))
     return out
+
+
+def claim_sizes(claims: Sequence[dict[str, Any]]) -> list[int]:
+    """The numbers of values n ≥ 1 that the claims were decided on, ascending: the n the coverage
+    sentence must speak of (n = 1 included: its "interval" is the point, coverage 0)."""
+    return sorted({int(c["n"]) for c in claims if c.get("n", 0) >= 1})
 
 
 def coverage_text(ns: Sequence[int]) -> str:

@@ -51,9 +51,15 @@ def bootstrap_ci(
     percentile method is used where BCa is undefined (too few distinct values). With few values the
     interval is narrower than its nominal level: :func:`bootstrap_coverage` measures by how much (a
     nominal 95% interval of the mean of 3 normal values contains the true mean about three times in four).
+
+    ``statistic`` must be symmetric (not depend on the order of the values), as every statistic of
+    independent seeds is: it is evaluated on sorted values and sorted resamples. A resample that is a
+    reordering of the sample then gives the point estimate bit for bit. Summed in another order it
+    came out 1 ulp above or below, and those 9-22% of the resamples (n = 4, 3) set BCa's bias correction
+    by their rounding: an interval end moved by up to 30% of the width, and with the order of the seeds.
     """
     x = np.asarray(values, dtype=float)
-    x = x[np.isfinite(x)]
+    x = np.sort(x[np.isfinite(x)])
     if x.size == 0:
         return Estimate(float("nan"), float("nan"), float("nan"), 0)
     point = float(statistic(x))
@@ -61,6 +67,7 @@ def bootstrap_ci(
         return Estimate(point, point, point, int(x.size))
 
     def stat(sample: np.ndarray, axis: int = -1) -> np.ndarray:
+        sample = np.sort(sample, axis=axis)
         try:  # numpy reductions take `axis` and are vectorized
             return statistic(sample, axis=axis)
         except TypeError:
@@ -128,6 +135,8 @@ def summarize(
     statistic: Callable[[np.ndarray], float] = np.mean,
 ) -> pd.DataFrame:
     """One row per group of ``by``: estimate, 95% CI and n of ``statistic`` over the group's values."""
+    if isinstance(by, str):  # a sequence of characters, which grouped by columns "n", "o", "r", "m"
+        raise ValueError(f"by must be a list of column names, got the string {by!r} (write [{by!r}])")
     rows = []
     for key, group in df.groupby(list(by), sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)

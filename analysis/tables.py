@@ -29,6 +29,7 @@ __all__ = [
     "MINUS",
     "CiteIndex",
     "claims_table",
+    "config_number",
     "dataframe_table",
     "format_ci",
     "format_number",
@@ -407,12 +408,25 @@ def scoreboard_table(
 _CI_COLUMNS = ("estimate", "ci_low", "ci_high")
 
 
-def dataframe_table(df: pd.DataFrame, *, caption: str, label: str) -> str:
+def config_number(value: Any) -> str:
+    """A config value as typed (``0.05``, ``0.00316``, ``200``), with ``1e-06`` as ``10^{−6}`` rather than a
+    hyphen: a coordinate of the grid, not an estimate to round."""
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    if "e" not in text:
+        return text.replace("-", MINUS)
+    mantissa, exponent = text.split("e")
+    power = rf"10^{{{int(exponent)}}}"
+    return rf"\ensuremath{{{power}}}" if mantissa == "1" else rf"\ensuremath{{{mantissa}\times{power}}}"
+
+
+def dataframe_table(df: pd.DataFrame, *, caption: str, label: str, exact: Sequence[str] = ()) -> str:
     """A booktabs longtable of a summary DataFrame.
 
     Columns ``estimate, ci_low, ci_high`` merge into one ``estimate [95% CI]`` column (as do
     ``<x>, <x>_ci_low, <x>_ci_high`` triples, headed ``<x>``); ``n`` and other columns print as they are
-    (floats with :func:`format_number`, text escaped).
+    (floats with :func:`format_number`, text escaped). Numbers in the ``exact`` columns (the grid's
+    coordinates, e.g. a learning rate of 0.00316) print as typed (:func:`config_number`), not rounded
+    to two significant digits like an estimate.
     """
     df = df.reset_index(drop=True)
     groups: list[tuple[str, list[str]]] = []  # (header, source columns)
@@ -446,10 +460,13 @@ def dataframe_table(df: pd.DataFrame, *, caption: str, label: str) -> str:
     for _, record in df.astype(object).iterrows():  # iterrows would turn an all-numeric row into floats
         row = []
         for _, cols in groups:
+            value = record[cols[0]]
             if len(cols) == 3:
                 row.append(format_ci(*(float(record[c]) for c in cols)))
+            elif cols[0] in exact and isinstance(value, int | float) and not isinstance(value, bool):
+                row.append(config_number(value))
             else:
-                row.append(cell(record[cols[0]]))
+                row.append(cell(value))
         rows.append(row)
     aligns = "".join("r" if all(_is_number(df[c]) for c in cols) else "l" for _, cols in groups)
     return _longtable(f"@{{}}{aligns}@{{}}", [h for h, _ in groups], rows, caption, label)

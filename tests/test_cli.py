@@ -169,7 +169,7 @@ def test_figures_that_fail_on_a_partly_failed_sweep_are_reported_not_raised(
         raise ValueError("Number of columns must be a positive integer, not 0")
 
     monkeypatch.setattr(cli, "get_study", lambda name: Study(**{**study.__dict__, "analyze": analyze}))
-    with pytest.warns(UserWarning, match="skipped 2 unfinished run"):
+    with pytest.warns(UserWarning, match=r"skipped 2 failed run\(s\) \(FAILED, no DONE\)"):
         assert cli.main(["run", "toy", "--results", str(tmp_path), "--set", "scale=-1"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("whybn: toy: drawing the figures from the runs that finished failed (ValueError: ")

@@ -164,9 +164,9 @@ def test_generated_tex(results):
 
 
 def test_config_numbers_in_macros():
-    from analysis.paper import _config_number
+    from analysis.tables import config_number
 
-    assert [_config_number(v) for v in (0.05, 200, 1e-06, 2.5e-07, -0.5)] == [
+    assert [config_number(v) for v in (0.05, 200, 1e-06, 2.5e-07, -0.5)] == [
         "0.05",
         "200",
         r"\ensuremath{10^{-6}}",  # was "1e-06", a hyphen in the text

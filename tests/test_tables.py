@@ -15,6 +15,7 @@ import pytest
 from scipy.stats import norm
 
 from analysis import stats
+from analysis.paper import claim_sizes, coverage_text
 from analysis.stats import bootstrap_ci, summarize
 from analysis.tables import (
     MINUS,
@@ -252,6 +253,28 @@ def test_dataframe_table_merges_ci_columns_and_round_trips():
     assert rows[0] == ["bn", "0.67 [0.64, 0.69]", "3", "0.54 [0.48, 0.63]"]
     assert parse_number(rows[1][1]) == [0.407, 0.401, 0.412]  # at 2 decimals the estimate = a bound
     assert "@{}lrrr@{}" in tex
+
+
+def test_dataframe_table_prints_grid_coordinates_as_typed():
+    """learning_rate's summary labelled its rows lr 0.0032, 0.032 and 1.00 (the estimates' rounding)
+    where the runs used 0.00316, 0.0316 and 1, as the prose's macros say."""
+    df = pd.DataFrame({"lr": [0.00316, 0.0316, 1.0, 1e-6], "estimate": [0.5] * 4, "ci_low": [0.4] * 4,
+                       "ci_high": [0.6] * 4, "n": [3] * 4})  # fmt: skip
+    rows = _table_rows(dataframe_table(df, caption="c", label="t", exact=["lr"]))
+    assert [r[0] for r in rows] == ["0.00316", "0.0316", "1", r"\ensuremath{10^{-6}}"]
+    assert [r[0] for r in _table_rows(dataframe_table(df, caption="c", label="t"))][:3] == [
+        "0.0032",
+        "0.032",
+        "1.00",
+    ]
+
+
+def test_coverage_sentence_names_one_value_claims():
+    """With claims of n = 1 only, the paper's coverage sentence quoted 73% for n = 3; an interval of one
+    value is the point, and covers the true mean with probability 0."""
+    claims = [{"n": 1}, {"n": 0}, {"n": 1}]
+    assert claim_sizes(claims) == [1] and claim_sizes([*claims, {"n": 3}]) == [1, 3]
+    assert coverage_text(claim_sizes(claims)) == r"0\% for $n = 1$"
 
 
 def test_summarize_and_bootstrap_against_hand_computed_values(monkeypatch):
