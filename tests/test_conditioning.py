@@ -252,6 +252,24 @@ def test_bn_avoids_rank_collapse_of_deep_relu_net():
 # ------------------------------------------------------------------------- whitening stochasticity
 
 
+def test_iternorm_transform_follows_the_papers_iterates_for_many_iterations():
+    """The probe's IterNorm transform had the layer's one-matrix Newton–Schulz form: at κ(Σ) = 2·10⁴,
+    NaN at T = 20 in float64. Both now share the coupled form; here against P_T computed without
+    rounding in Σ's eigenbasis."""
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64))
+    scales = torch.logspace(0, -2.2, 16, dtype=torch.float64)
+    x = torch.randn(64, 16, generator=g, dtype=torch.float64) @ torch.diag(scales) @ q.T
+    xc = x - x.mean(0)
+    lam, u = torch.linalg.eigh(xc.T @ xc / 64 + 1e-5 * torch.eye(16, dtype=torch.float64))
+    p = torch.ones_like(lam)
+    for _ in range(20):
+        p = 1.5 * p - 0.5 * p**3 * lam / lam.sum()
+    expected = xc @ (u @ torch.diag(p / lam.sum().sqrt()) @ u.T)
+    y = whitening_transform(x, method="iternorm", iterations=20)
+    assert float((y - expected).norm() / expected.norm()) < 1e-10
+
+
 def test_transforms_match_the_norm_layers():
     x = gaussian(40, 8, 5)
     for whitening in ("zca", "pca"):
