@@ -18,7 +18,9 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 import typing
 from collections.abc import Sequence
@@ -35,6 +37,17 @@ DEFAULT_RESULTS = Path(os.environ.get("WHYBN_RESULTS", "results"))
 
 class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (``kill``, ``timeout``, a scheduler) as an exception, so that a sweep ends the way Ctrl-C
+    ends it: its worker processes stop and its finished runs are kept. Unhandled, the signal killed the
+    parent alone and left its workers running as orphans. A ``BaseException``: a study's
+    ``except Exception`` does not swallow it."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 def _check_device(device: str) -> None:
@@ -127,6 +140,8 @@ def _run_one(
         report = run_sweep(study, config, store, ctx=ctx, executor=executor)
     except (ValueError, KeyError, FileNotFoundError) as err:  # the grid: unknown names, missing data
         raise CLIError(err.args[0] if isinstance(err, KeyError) and err.args else str(err)) from None
+    except BrokenPipeError:  # `whybn run … | head`: the reader of the progress lines has gone
+        raise
     except OSError as err:  # the results directory: read-only, full
         raise CLIError(f"cannot write results: {err.strerror or err}") from None
     if report.submitted:
@@ -415,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         threads = getattr(args, "threads", None)
         if threads is not None:
@@ -427,15 +444,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as err:
         print(f"whybn: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: finished runs are on disk (DONE), the one in flight is redone
+    except (KeyboardInterrupt, Terminated) as err:  # runs with DONE are kept; those in flight are redone
         print(
             "whybn: interrupted; finished runs are kept, and the same command resumes with the rest",
             file=sys.stderr,
         )
-        return 130
+        return 143 if isinstance(err, Terminated) else 130
     except BrokenPipeError:  # `whybn status | head`: the reader has gone; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if args.command in ("run", "all"):  # a sweep stopped with it: say so (stderr), not as a results error
+            print(
+                "whybn: stopped: the output pipe was closed; finished runs are kept, and the same command "
+                "resumes with the rest",
+                file=sys.stderr,
+            )
+            return 141
         return 0
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

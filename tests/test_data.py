@@ -111,6 +111,18 @@ def test_mnist1d_deterministic_and_seeded():
     assert not torch.equal(a[0].tensors[0], c[0].tensors[0])
 
 
+@pytest.mark.parametrize(
+    "options, match",
+    [({"seed": 1.5}, "seed must be a non-negative integer"), ({"seed": -1}, "seed"),
+     ({"shuffle_seq": "no"}, "shuffle_seq must be True or False")],
+)  # fmt: skip
+def test_mnist1d_options_of_the_wrong_type_are_refused(options, match):
+    """seed=1.5 generated seed 1's data but recorded 1.5; shuffle_seq="no" permuted the positions
+    (bool("no") is True) while the options said "no"."""
+    with pytest.raises(ValueError, match=match):
+        data.load_mnist1d(num_samples=500, cache=False, **options)
+
+
 def test_mnist1d_cache_hit_equals_build(isolated: Path):
     built = load_dataset("mnist1d", num_samples=500, cache=False)
     first = load_dataset("mnist1d", num_samples=500)
@@ -470,6 +482,11 @@ def test_cifar10_corrupt_batch_names_it(tmp_path: Path):
         (b"labels", [10, -1, 42, 3] + [0] * 6, r"labels must be 0\.\.9, found -1\.\.42"),
         (b"data", np.full((10, 3072), 300, dtype=np.int64), r"pixels must be integers 0\.\.255"),  # wrapped
         (b"data", [[300] * 3072] * 10, r"pixels must be integers 0\.\.255"),  # an OverflowError
+        (
+            b"labels",
+            [0.5, 1.7, 2.2, 3.9, 9.99] * 2,
+            r"labels must be integers, got float64",
+        ),  # was cast to 0, 1, …
     ],
 )
 def test_cifar10_batch_with_foreign_contents_names_it(tmp_path: Path, field, value, match):

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from studies import cli
@@ -592,3 +593,67 @@ def test_a_worker_that_dies_fails_the_runs_in_flight_and_the_next_sweep_redoes_t
     monkeypatch.delenv(CRASH)
     again = run_sweep(SWEEP, config, store, executor=ExecutorSpec(workers=2), log=quiet)
     assert again.ok and sorted(again.ran) == sorted(report.failed) and len(store.run_ids(done=True)) == 4
+
+
+def test_rows_that_cannot_be_stored_fail_their_run_and_the_sweep_goes_on(tmp_path):
+    """A value that is not a number (here a 2-element array) raised out of ``store.finish``: the sweep
+    stopped, the run stayed "interrupted" without a reason, and the CLI called it bad input."""
+
+    def run(rc: dict, ctx: RunContext) -> list[dict]:
+        value = np.array([1.0, 2.0]) if rc["seed"] == 0 else 1.0
+        return [{"step": 0, "probe": "train", "metric": "loss", "value": value}]
+
+    study = Study(**{**SWEEP.__dict__, "run": run})
+    store = RunStore(tmp_path, "sweeptoy", "quick")
+    report = run_sweep(study, SweepConfig(norms=("bn",), seeds=3), store, log=quiet)
+    assert len(report.ran) == 2 and list(report.failed) == [r for r in store.run_ids() if "s0" in r]
+    (failed,) = report.failed.values()
+    assert failed.startswith("its records cannot be stored: ValueError")
+    assert store.state(next(iter(report.failed))) == "failed"
+
+
+SIGTERM_SCRIPT = """
+import sys
+from studies import cli
+from tests.test_sweep import SWEEP
+cli.STUDY_NAMES, cli.get_study = ("sweeptoy",), lambda name: SWEEP
+sys.exit(cli.main(["run", "sweeptoy", "--results", sys.argv[1], "--workers", "2", "--seeds", "6"]))
+"""
+
+
+def test_sigterm_ends_the_sweep_and_its_workers_and_the_same_command_resumes(tmp_path, attempt_log):
+    """SIGTERM (kill's default, timeout's, a scheduler's) killed the parent alone: its workers ran the
+    runs queued to them, then waited forever, and a resumed sweep counted their runs as "running
+    elsewhere". Now the CLI stops the workers and exits 143; nothing is lost or done twice."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGTERM_SCRIPT, str(tmp_path)],
+        cwd=REPO,
+        env={**os.environ, SLEEP: "1.0"},
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    store = RunStore(tmp_path, "sweeptoy", "quick")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not store.run_ids(done=True):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)  # the parent only, as `kill PID` does
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "interrupted; finished runs are kept" in err
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)  # any process left in the sweep's group (its workers)?
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the sweep's workers outlived it")
+    done_before = set(store.run_ids(done=True))
+    assert 1 <= len(done_before) < 12
+    report = run_sweep(SWEEP, SweepConfig(seeds=6), store, log=quiet)
+    assert set(report.skipped) == done_before and not report.busy and report.ok
+    assert len(store.run_ids(done=True)) == 12
+    assert all(attempts(attempt_log).count(f"{store.load(r)[0]['norm']}-{store.load(r)[0]['seed']}") == 1
+               for r in done_before)  # fmt: skip

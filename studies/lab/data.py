@@ -341,6 +341,11 @@ def load_mnist1d(
     _check_positive_int("num_samples", num_samples)
     if num_samples < 10:
         raise ValueError(f"num_samples must be at least 10 (one per class), got {num_samples}")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        # int(1.5) generated seed 1's data while the options recorded 1.5
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if not isinstance(shuffle_seq, bool | np.bool_):  # bool("no") is True: it permuted the positions
+        raise ValueError(f"shuffle_seq must be True or False, got {shuffle_seq!r}")
     args = _mnist1d_args(num_samples, seed, shuffle_seq)
     arrays = _mnist1d_arrays(args, cache)
     options = {"num_samples": num_samples, "seed": seed, "shuffle_seq": shuffle_seq}
@@ -646,7 +651,10 @@ def _read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         with open(path, "rb") as f:
             batch = pickle.load(f, encoding="bytes")
         data = np.asarray(batch.get(b"data", batch.get("data")))
-        labels = np.asarray(batch.get(b"labels", batch.get("labels")), dtype=np.int64)
+        labels = np.asarray(batch.get(b"labels", batch.get("labels")))
+        if labels.size and not np.issubdtype(labels.dtype, np.integer):  # 1.7 was cast to class 1
+            raise ValueError(f"labels must be integers, got {labels.dtype}")
+        labels = labels.astype(np.int64)
     except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, OverflowError) as err:
         raise ValueError(f"{path}: not a CIFAR-10 python batch ({type(err).__name__}: {err})") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (data.shape[0],):

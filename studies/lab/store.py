@@ -219,10 +219,18 @@ def source_digest(root: Path | None = None) -> dict[str, Any]:
     return {"sha256": digest.hexdigest(), "files": files, "root": str(root)}
 
 
+@functools.cache
 def git_commit(cwd: Path | None = None) -> dict[str, Any]:
     """The git commit of the source tree (and whether it has uncommitted changes), or None outside git,
     and None too where the code in ``cwd`` is ignored by the repository around it (an installed copy in
-    a ``.venv`` inside a checkout: the checkout's HEAD is not the code that ran)."""
+    a ``.venv`` inside a checkout: the checkout's HEAD is not the code that ran).
+
+    Read once per process, like :func:`source_digest`: a run names the commit of the code its process
+    imported, not a commit made while a long sweep went on. ``dirty`` is about the code only: changes
+    to the :data:`SOURCE_PACKAGES` (tracked or not) under the source root (``cwd``'s packages when it is
+    given); results written into a tracked ``results/`` made every later run "dirty".
+    """
+    root = Path(cwd) if cwd is not None else Path(__file__).resolve().parents[2]
     cwd = Path(cwd) if cwd is not None else Path(__file__).resolve().parent
     try:
         ignored = subprocess.run(
@@ -234,7 +242,14 @@ def git_commit(cwd: Path | None = None) -> dict[str, Any]:
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=all",
+                "--",
+                *(str(root / p) for p in SOURCE_PACKAGES),
+            ],
             cwd=cwd,
             capture_output=True,
             text=True,
@@ -284,7 +299,17 @@ def environment(*, seed: int | None = None, device: str = "cpu") -> dict[str, An
         "cpu": {"model": _cpu_model(), "capability": torch.backends.cpu.get_cpu_capability()},
         "versions": {
             name: _version(name)
-            for name in ("whybn", "torch", "numpy", "scipy", "pandas", "matplotlib", "seaborn", "mnist1d")
+            for name in (
+                "whybn",
+                "torch",
+                "numpy",
+                "scipy",
+                "pandas",
+                "matplotlib",
+                "seaborn",
+                "mnist1d",
+                "scikit-learn",
+            )
         },
         "git": git_commit(),
         "source": source_digest(),

@@ -21,6 +21,8 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import multiprocessing
+import os
+import threading
 import time
 import tomllib
 import traceback
@@ -115,7 +117,9 @@ class RunOutcome:
 
 
 def execute_run(task: RunTask) -> RunOutcome:
-    """Execute one run under its lock; never raises for a failure of the run itself (it is recorded).
+    """Execute one run under its lock; never raises for a failure of the run itself (it is recorded):
+    an exception of the study's code, or rows that cannot be stored (a value that is not a number, an
+    object JSON cannot hold), which left the run "interrupted" and stopped the sweep.
 
     Errors writing the results (disk full, read-only) do raise: every later run would fail the same way.
     """
@@ -138,7 +142,12 @@ def execute_run(task: RunTask) -> RunOutcome:
             reason = f"{type(err).__name__}: {err}"
             store.fail(task.run_id, reason, traceback.format_exc(limit=8))
             return RunOutcome(task.run_id, "failed", time.perf_counter() - start, reason=reason)
-        n = store.finish(task.run_id, config, rows)
+        try:
+            n = store.finish(task.run_id, config, rows)
+        except (TypeError, ValueError) as err:  # rows that cannot be stored; an OSError is the disk's
+            reason = f"its records cannot be stored: {type(err).__name__}: {err}"
+            store.fail(task.run_id, reason, traceback.format_exc(limit=8))
+            return RunOutcome(task.run_id, "failed", time.perf_counter() - start, reason=reason)
         status = "diverged" if store.summary(task.run_id)["diverged"] else "done"
         return RunOutcome(task.run_id, status, time.perf_counter() - start, n)
 
@@ -392,16 +401,38 @@ def lost_run_outcome(task: RunTask, reason: str) -> RunOutcome:
     return RunOutcome(task.run_id, "failed", reason=reason)
 
 
+def _exit_with_parent(parent: int) -> None:
+    """A pool worker's initializer: end the worker when the sweep's process is gone (killed with
+    SIGKILL, or by a signal it did not handle), instead of running the runs already queued to it and
+    then waiting forever on the queue. Its run in flight is left unfinished and redone by the next
+    sweep."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="whybn-parent-watch", daemon=True).start()
+
+
 def _run_in_processes(tasks: list[RunTask], workers: int, record: Callable[[RunOutcome], None]) -> None:
     """Tasks in ``workers`` fresh (spawned) processes.
 
     A worker that dies (killed for memory, a crash in native code) breaks the pool: the runs in flight
     and those not started yet are reported failed ("worker process died"), without ``FAILED`` files, and
     the next sweep redoes them; the runs finished before are kept, including one whose worker wrote its
-    ``DONE`` but whose result the broken pool never delivered (:func:`lost_run_outcome`)."""
+    ``DONE`` but whose result the broken pool never delivered (:func:`lost_run_outcome`).
+
+    An interruption of this process (Ctrl-C, or SIGTERM as the CLI turns it into an exception) ends
+    the workers at once: their runs in flight are redone by the next sweep. (Shut down normally, the
+    pool ran the runs already queued to its workers first, and a SIGTERM left them running on as
+    orphans; those now also end with their parent.)"""
     context = multiprocessing.get_context("spawn")  # no fork of a process whose OpenMP threads are up
     with concurrent.futures.ProcessPoolExecutor(
-        max_workers=min(workers, len(tasks)), mp_context=context
+        max_workers=min(workers, len(tasks)),
+        mp_context=context,
+        initializer=_exit_with_parent,
+        initargs=(os.getpid(),),
     ) as pool:
         futures = {pool.submit(_execute_pickled, cloudpickle.dumps(task)): task for task in tasks}
         try:
@@ -412,7 +443,10 @@ def _run_in_processes(tasks: list[RunTask], workers: int, record: Callable[[RunO
                 except concurrent.futures.process.BrokenProcessPool as err:
                     record(lost_run_outcome(task, f"worker process died ({err})"))
         except BaseException:
+            processes = list((getattr(pool, "_processes", None) or {}).values())
             pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                process.terminate()
             raise
 
 
