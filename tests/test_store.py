@@ -217,6 +217,36 @@ def test_provenance_names_the_code_that_ran(tmp_path):
     assert git_commit(tmp_path / "copy") == {"commit": None, "dirty": None}  # outside any checkout
 
 
+def test_git_dirty_is_about_the_source_packages_and_read_once(tmp_path):
+    """Writing results into a tracked results/ marked every later run's code "dirty" (283 of 649
+    committed runs); a commit made during a sweep was named by runs that ran the code before it."""
+    import subprocess
+
+    from studies.lab.store import git_commit
+
+    repo = tmp_path / "checkout"
+    for path in ("probes/a.py", "results/r/claims.json"):
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text("x = 1\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    (repo / "results/r/claims.json").write_text("x = 2\n")
+    assert git_commit(repo)["dirty"] is False
+    git_commit.cache_clear()
+    (repo / "probes/a.py").write_text("x = 2\n")
+    first = git_commit(repo)
+    assert first["dirty"] is True
+    subprocess.run([*git, "commit", "-qam", "y"], check=True)
+    assert git_commit(repo) == first  # once per process, like the source digest
+    git_commit.cache_clear()
+    assert git_commit(repo)["commit"] != first["commit"] and git_commit(repo)["dirty"] is False
+    (repo / "probes/new.py").write_text("")  # untracked code is code too
+    git_commit.cache_clear()
+    assert git_commit(repo)["dirty"] is True
+
+
 def test_read_only_results_directory_fails_before_training(tmp_path):
     import os
 
