@@ -54,6 +54,8 @@ def tiny_net(arch: str, norm: str, *, seed: int = 0) -> nn.Module:
         depth=2,
         width=WIDTHS[arch],
         activation="tanh",
+        # gn's default 8 groups on 4 units are groups of one value: an output independent of the input
+        **({"norm_options": {"groups": 2}} if norm == "gn" else {}),
     )
     net = net.double().train()
     gen = torch.Generator().manual_seed(seed + 1)
