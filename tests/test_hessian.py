@@ -133,6 +133,23 @@ def test_outlier_ratio_is_nan_when_lambda_k_is_negative():
     assert math.isnan(result.ratio) and 0.0 <= result.gradient_fraction <= 1.0
 
 
+def test_outlier_ratio_is_nan_when_lambda_k_is_an_exact_zero():
+    """The last layer's bias (softmax: rank K − 1) and a pre-BN bias (no effect under batch statistics):
+    λ3 = 0 exactly, which Lanczos returns as ±1e-17. The ratio was 1.7e16 or NaN by the sign of the
+    rounding (seeds 0 and 3 gave ~2e16); a λK at the operator's rounding level now counts as 0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=g)
+    for seed in range(4):
+        result = hessian_outliers(
+            model, torch.nn.functional.cross_entropy, (X, y), num_classes=3, params=["3.bias", "0.bias"],
+            seed=seed, tol=1e-10,
+        )  # fmt: skip
+        assert abs(result.values[2]) < 1e-15 and math.isnan(result.ratio)
+
+
 def test_outliers_match_explicit_eigenpairs():
     case = CASES["mlp-none"]()
     H = explicit_hessian(case.model, case.loss_fn, case.batches, bn=case.bn)
