@@ -202,7 +202,7 @@ CASES = (
     Case(
         "norm option out of range",
         ("batch_size", "--set", "norms=gn", "--set", "groups=0", "--seeds", "1"),
-        "study 'batch_size': norm 'gn' with groups=0: groups must be >= 1, got 0",
+        "study 'batch_size': norm 'gn' with groups=0: groups must be a positive int, got 0",
         planned=True,
     ),
     Case(
