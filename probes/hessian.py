@@ -234,10 +234,7 @@ def hessian_outliers(
     span, _ = np.linalg.qr(eig.vectors)
     return OutlierResult(
         values=eig.values,
-        # an eigenvalue at the rounding level of the operator (‖H‖ ≥ |λ1|) is 0 (exactly, e.g. a pre-BN bias)
-        ratio=spectral.outlier_ratio(
-            eig.values, num_classes, atol=spectral._noise(float(np.abs(eig.values).max()), op.dtype)
-        ),
+        ratio=spectral.outlier_ratio(eig.values, num_classes, dtype=op.dtype),
         gradient_fraction=spectral.gradient_fraction_in_top_subspace(gradient, span),
         n_matvecs=eig.n_matvecs,
         converged=eig.converged,

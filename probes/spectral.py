@@ -944,7 +944,7 @@ def _smoothed(grid: np.ndarray, nodes: np.ndarray, weights: np.ndarray, sigma: f
 
 
 def outlier_ratio(
-    values_desc: np.ndarray | Tensor | list[float], num_classes: int, *, atol: float = 0.0
+    values_desc: np.ndarray | Tensor | list[float], num_classes: int, *, dtype: torch.dtype | None = None
 ) -> float:
     """``λ_1 / λ_K`` from the top eigenvalues sorted descending, with ``K = num_classes``.
 
@@ -955,9 +955,10 @@ def outlier_ratio(
 
     The ratio is defined for ``λ_K > 0`` only: at a point with fewer than K positive eigenvalues there
     are not K outliers, and λ₁/λ_K would be infinite or negative. It is then NaN (a record of an
-    undefined value, not an error: such points occur in training, e.g. at saddles early on). ``atol``:
-    a λ_K within it of 0 counts as 0 (an eigenvalue computed at the rounding level: an exact 0 comes back
-    as ±1e-17, and the ratio was NaN or 1e16 by the sign of the rounding).
+    undefined value, not an error: such points occur in training, e.g. at saddles early on). ``dtype``:
+    that of the operator the values come from; a λ_K at its rounding level (:func:`_noise` of ``|λ|``'s
+    largest, a lower bound of ‖A‖) counts as 0: an exact 0 comes back as ±1e-17, and the ratio was NaN
+    or 1e16 by the sign of the rounding.
     """
     vals = np.asarray(
         values_desc.detach().cpu() if isinstance(values_desc, Tensor) else values_desc, dtype=np.float64
@@ -969,6 +970,7 @@ def outlier_ratio(
         raise ValueError(f"values_desc needs at least num_classes={num_classes} values, got {vals.size}")
     if np.any(np.diff(vals[:num_classes]) > 0):
         raise ValueError("values_desc must be sorted in descending order")
+    atol = 0.0 if dtype is None else _noise(float(np.abs(vals).max()), dtype)
     if not vals[num_classes - 1] > atol:
         return float("nan")
     return float(vals[0] / vals[num_classes - 1])

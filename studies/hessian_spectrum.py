@@ -304,7 +304,8 @@ def hessian_probe(
         values = np.asarray(eig.values, dtype=np.float64)
         basis, _ = np.linalg.qr(np.asarray(eig.vectors, dtype=np.float64))  # float32 Ritz vectors → exact
         fraction = spectral.gradient_fraction_in_top_subspace(gradient, basis)
-        ratio = spectral.outlier_ratio(values, num_classes) if len(values) == num_classes else float("nan")
+        defined = len(values) == num_classes
+        ratio = spectral.outlier_ratio(values, num_classes, dtype=op.dtype) if defined else float("nan")
         tag = {"bn": bn, "view": view}
         rows = [
             {"probe": "hessian", "metric": "eigenvalue", "index": i, "value": float(v), **tag}
