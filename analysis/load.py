@@ -89,6 +89,12 @@ def load_runs(
     return pd.concat(frames, ignore_index=True)
 
 
+def finished(df: pd.DataFrame) -> pd.Series:
+    """A mask of ``df``'s rows: those of runs that did not diverge (:func:`diverged_runs`), whose last
+    records are the end of training."""
+    return ~df["run_id"].isin(diverged_runs(df))
+
+
 def diverged_runs(df: pd.DataFrame) -> set[str]:
     """The runs of ``df`` that diverged: those with a ``train``/``diverged`` record (written at the step
     where the loss, the evaluation, a parameter or a buffer stopped being finite). Their last records

@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 
 from analysis.claims import Claim, test_claim
-from analysis.load import diverged_runs
+from analysis.load import finished
 from analysis.style import NORM_LABELS, labeled_legend, norm_palette, ordered_norms, save_figure, use_style
 from probes.activations import capture_layer_inputs
 from probes.functional import norm_mode
@@ -139,7 +139,7 @@ def run(rc: dict[str, Any], ctx: RunContext) -> list[dict[str, Any]]:
 def drift_per_run(df: pd.DataFrame) -> pd.DataFrame:
     """Per run that did not diverge: mean over units of range_t(p50) + range_t(p85 − p15) of the
     sigmoid's input."""
-    rows = df[(df["probe"] == "sigmoid_input") & ~df["run_id"].isin(diverged_runs(df))]
+    rows = df[(df["probe"] == "sigmoid_input") & finished(df)]
     wide = rows.pivot_table(
         index=["run_id", "norm", "seed", "layer", "step"], columns="metric", values="value"
     )
@@ -154,8 +154,7 @@ def drift_per_run(df: pd.DataFrame) -> pd.DataFrame:
 
 def final_accuracy(df: pd.DataFrame) -> pd.DataFrame:
     """Per run that did not diverge: the test accuracy of its last evaluation."""
-    finished = ~df["run_id"].isin(diverged_runs(df))
-    acc = df[(df["probe"] == "eval") & (df["metric"] == "test_accuracy") & finished]
+    acc = df[(df["probe"] == "eval") & (df["metric"] == "test_accuracy") & finished(df)]
     last = acc.loc[acc.groupby("run_id")["step"].idxmax()]
     return last[["run_id", "norm", "seed", "value"]].rename(columns={"value": "test_accuracy"})
 

@@ -70,7 +70,7 @@ import torch
 from torch import Tensor
 
 from analysis.claims import Claim, test_claim
-from analysis.load import diverged_runs
+from analysis.load import diverged_runs, finished
 from analysis.style import NORM_LABELS, labeled_legend, norm_palette, save_figure, use_style
 from probes.activations import capture_layer_inputs
 from probes.functional import norm_mode
@@ -279,7 +279,7 @@ def mean_saturation(df: pd.DataFrame) -> pd.DataFrame:
         & (df["metric"] == "saturated_fraction")
         & (df["layer"] == "all")
         & (df["step"] > 0)
-        & ~df["run_id"].isin(diverged_runs(df))
+        & finished(df)
     ]
     return rows.groupby([*KEYS, "variant"], as_index=False)["value"].mean()
 

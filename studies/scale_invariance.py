@@ -82,7 +82,7 @@ import pandas as pd
 import torch
 
 from analysis.claims import Claim, test_claim
-from analysis.load import diverged_runs
+from analysis.load import finished
 from analysis.style import NORM_LABELS, norm_palette, ordered_norms, save_figure, use_style
 from probes.gradients import effective_learning_rates, scale_invariance
 from studies.lab.runs import load_run_data, make_run_net, run_train_config, train_run
@@ -276,7 +276,7 @@ def decay_statistics(df: pd.DataFrame) -> pd.DataFrame:
     """Per run (norm, weight_decay, seed), over hidden layers: ``total`` = mean log(η_eff(T)/η_eff(0))
     and ``second_half`` = mean |log(η_eff(T)/η_eff(T/2))|, T the last probe step; runs that diverged
     are left out."""
-    table = _hidden(effective_lr_table(df[~df["run_id"].isin(diverged_runs(df))]))
+    table = _hidden(effective_lr_table(df[finished(df)]))
     last = int(table["step"].max())
     log_eff = {s: np.log(_at(table, s)["effective_lr"]) for s in (0, last // 2, last)}
     per_layer = pd.DataFrame(
@@ -290,7 +290,7 @@ def growth_statistics(df: pd.DataFrame) -> pd.DataFrame:
     that did not decrease ‖W‖², and ``identity_error`` = max over them of |measured − predicted| /
     |predicted|, predicted = gradient term + decay term (the decay term is 0 without WD); runs that
     diverged are left out."""
-    rows = df[(df["probe"] == "norm_growth") & ~df["run_id"].isin(diverged_runs(df))]
+    rows = df[(df["probe"] == "norm_growth") & finished(df)]
     wide = rows.pivot_table(
         index=["norm", "weight_decay", "seed", "step", "layer"], columns="metric", values="value"
     ).reset_index()
