@@ -399,8 +399,10 @@ def resolve_params(
     """The ``(name, parameter)`` pairs a probe differentiates, in the model's order of registration.
 
     ``None``: every trainable (``requires_grad``) parameter; a submodule of ``model``: its parameters;
-    a list of qualified names or of ``nn.Parameter`` objects of ``model``. Anything not in the model,
-    an empty selection or a duplicate raises ``ValueError``.
+    a list of qualified names or of ``nn.Parameter`` objects of ``model``. A tied parameter
+    (``dec.weight = enc.weight``) is one parameter: any of its names selects it, and it is reported under
+    its first name, as ``named_parameters()`` lists it. Anything not in the model, an empty selection or
+    a duplicate (the same name twice, or two names of one tied parameter) raises ``ValueError``.
     """
     named = list(model.named_parameters())  # shared (tied) parameters once, under their first name
     if params is None:
@@ -426,13 +428,14 @@ def resolve_params(
     entries = list(params)
     if not entries:
         raise ValueError("params: empty selection; expected parameter names or parameters of the model")
-    lookup = dict(named)
+    # every name of a tied parameter (``d.weight = a.weight``) resolves to its first name
+    aliases = {n: by_id[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
     names: list[str] = []
     for entry in entries:
         if isinstance(entry, str):
-            if entry not in lookup:
+            if entry not in aliases:
                 raise ValueError(f"params: the model has no parameter named {entry!r}")
-            names.append(entry)
+            names.append(aliases[entry])
         elif isinstance(entry, Tensor):
             if id(entry) not in by_id:
                 raise ValueError(
@@ -443,7 +446,9 @@ def resolve_params(
             raise ValueError(f"params: expected parameter names or parameters, got {entry!r}")
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"params: duplicate parameters {duplicates}")
+        raise ValueError(
+            f"params: duplicate parameters {duplicates} (a name twice, or two names of one tied parameter)"
+        )
     chosen_names = set(names)
     return [(n, p) for n, p in named if n in chosen_names]
 

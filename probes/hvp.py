@@ -174,7 +174,7 @@ class HessianOperator:
 
         def build() -> tuple[Tensor, Tensor]:
             loss = self._f.batch_loss(theta, b)
-            return loss, torch.autograd.grad(loss, theta, create_graph=True)[0]
+            return loss, _grad_or_zeros(loss, theta, create_graph=True)
 
         with torch.enable_grad(), twice_differentiable():
             loss, g = self._f.bound(theta, build)  # bound: a checkpointed forward recomputes at θ
@@ -196,7 +196,13 @@ class HessianOperator:
                         # an uncached graph is freed by its last product, node by node as the backward
                         # pass goes: its peak memory is then about that of building it, not more
                         keep = self.cache_graphs or j < last
-                        (hv,) = torch.autograd.grad(g, theta, grad_outputs=cols[:, j], retain_graph=keep)
+                        if g.requires_grad:
+                            (hv,) = torch.autograd.grad(
+                                g, theta, grad_outputs=cols[:, j], retain_graph=keep, allow_unused=True
+                            )
+                        else:  # a gradient constant in θ: L_b is at most linear in the block
+                            hv = None
+                        hv = torch.zeros_like(theta) if hv is None else hv
                         out = _accumulate(out, cols, j, w, hv.detach())
 
                 self._f.bound(theta, products)  # a checkpointed segment's recomputation sees θ
@@ -220,7 +226,7 @@ class HessianOperator:
 
                     def forward_backward(theta: Tensor = theta, b: int = b) -> tuple[Tensor, Tensor]:
                         out = self._f.batch_loss(theta, b)
-                        return out, torch.autograd.grad(out, theta)[0]
+                        return out, _grad_or_zeros(out, theta, create_graph=False)
 
                     with torch.enable_grad():
                         out, g = self._f.bound(theta, forward_backward)
@@ -228,6 +234,15 @@ class HessianOperator:
                 grad += w * g.detach()
                 loss += w * value
         self._gradient, self._loss = grad, loss
+
+
+def _grad_or_zeros(loss: Tensor, theta: Tensor, *, create_graph: bool) -> Tensor:
+    """∇_θ loss, and zeros where the loss does not depend on θ: a block that no forward pass uses (an
+    auxiliary head outside this loss) has a zero gradient and a zero Hessian, not an autograd error."""
+    if not loss.requires_grad:
+        return torch.zeros_like(theta)
+    (g,) = torch.autograd.grad(loss, theta, create_graph=create_graph, allow_unused=True)
+    return torch.zeros_like(theta) if g is None else g
 
 
 @contextmanager

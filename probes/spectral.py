@@ -984,8 +984,9 @@ def gradient_fraction_in_top_subspace(
     ``vectors`` (``(n, k)``) must have orthonormal columns, e.g. the top-``k`` Hessian eigenvectors from
     ``eigenvalues(..., return_vectors=True)``; Ghorbani, Krishnan & Xiao (2019) (also Gur-Ari et al.
     2018) find that the gradient lies mostly in the outlier subspace without BN and much less with BN.
-    Raises ``ValueError`` naming ``vectors`` if ``‖VᵀV − I‖_max > atol``, or ``gradient`` if it is zero
-    or its length does not match.
+    Undefined, NaN, for a zero gradient (a record, as :func:`outlier_ratio`'s, not an error: a block the
+    loss does not use has one). Raises ``ValueError`` naming ``vectors`` if ``‖VᵀV − I‖_max > atol`` or
+    its length does not match ``gradient``'s.
     """
 
     def to_np(x: np.ndarray | Tensor) -> np.ndarray:
@@ -1001,5 +1002,5 @@ def gradient_fraction_in_top_subspace(
         raise ValueError("vectors must have orthonormal columns")
     gg = float(g @ g)
     if gg == 0.0:
-        raise ValueError("gradient is zero: the fraction is undefined")
+        return float("nan")
     return float(np.sum((V.T @ g) ** 2) / gg)

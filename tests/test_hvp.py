@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -224,6 +225,65 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="v must have shape"):
         op.matvec(torch.ones(op.shape[0] + 1))
     assert state.differences(net) == []
+
+
+class _AuxHead(nn.Module):
+    """A trunk and an auxiliary head that this loss does not use (``forward`` returns the trunk's output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        self.aux = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(x)
+
+
+@pytest.mark.parametrize("cache_graphs", [True, False])
+@pytest.mark.parametrize("method", METHODS)
+def test_a_block_the_loss_does_not_use_or_is_linear_in_has_a_zero_hessian(method, cache_graphs):
+    """Double backward raised autograd's "element 0 of tensors does not require grad" for a block no
+    forward pass uses (per-layer probes over a model with an auxiliary head) and for one the loss is
+    linear in (a constant gradient); both Hessian blocks are zero, and so is the first one's gradient."""
+    from probes.hessian import hessian_eigenvalues, hessian_outliers, hessian_trace
+
+    torch.manual_seed(0)
+    model = _AuxHead().double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    lin = nn.Linear(4, 3).double()
+    state = ModelState.capture(model)
+    kw = {"method": method, "cache_graphs": cache_graphs if method == "double_backward" else None}
+    with hessian_operator(
+        model, F.cross_entropy, [(x[:4], y[:4]), (x[4:], y[4:])], params=model.aux, **kw
+    ) as op:
+        v = torch.randn(op.shape[0], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(op.matvec(v), torch.zeros_like(v))
+        assert torch.equal(op.gradient(), torch.zeros(op.shape[0], dtype=torch.float64))
+        with torch.no_grad():
+            assert op.loss() == pytest.approx(float(F.cross_entropy(model(x), y)), rel=1e-12)
+    # the mixed selection: the aux block's rows and columns of the Hessian are zero, the rest is the trunk's
+    both = [*[n for n, _ in model.trunk.named_parameters(prefix="trunk")], "aux.weight"]
+    with hessian_operator(model, F.cross_entropy, (x, y), params=both, **kw) as op:
+        H = op.matvec(torch.eye(op.shape[0], dtype=torch.float64))
+    n_aux = model.aux.weight.numel()
+    trunk_only = dense(hessian_operator(model, F.cross_entropy, (x, y), params=model.trunk, method=method))
+    torch.testing.assert_close(H[:-n_aux, :-n_aux], trunk_only, rtol=1e-12, atol=1e-14)
+    assert torch.equal(H[-n_aux:], torch.zeros_like(H[-n_aux:])) and torch.equal(
+        H[:, -n_aux:], 0 * H[:, -n_aux:]
+    )
+    # the probes: a zero spectrum, and outlier measures that are undefined (NaN), not an error
+    eig = hessian_eigenvalues(model, F.cross_entropy, (x, y), k=2, params=model.aux, hvp=method)
+    assert eig.converged and np.array_equal(eig.values, [0.0, 0.0])
+    assert (
+        hessian_trace(model, F.cross_entropy, (x, y), params=model.aux, hvp=method, n_probes=4).value == 0.0
+    )
+    out = hessian_outliers(model, F.cross_entropy, (x, y), num_classes=2, params=model.aux, hvp=method)
+    assert math.isnan(out.ratio) and math.isnan(out.gradient_fraction)
+    # a loss linear in the block: the gradient is constant, the Hessian block zero
+    with hessian_operator(lin, lambda o, t: o.mean(), (x, y), params=["bias"], **kw) as op:
+        assert torch.equal(op.matvec(torch.ones(3, dtype=torch.float64)), torch.zeros(3, dtype=torch.float64))
+        torch.testing.assert_close(op.gradient(), torch.full((3,), 1 / 3, dtype=torch.float64))
+    assert state.differences(model) == []
 
 
 def test_torch_batchnorm_in_a_users_model_is_right_with_both_methods():

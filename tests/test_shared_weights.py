@@ -129,6 +129,29 @@ def test_parameter_lists_count_each_shared_tensor_once(kind):
         assert {"first.weight", "second.weight"} <= set(slots)
 
 
+def test_a_tied_parameter_is_selected_by_any_of_its_names():
+    """``params=["second.weight"]`` said "no parameter named" while the same tensor as an object was
+    accepted: a tied parameter is one parameter under two names, and either selects it."""
+    model = make("tied")
+    x, y = batch()
+    loss, theta0 = hand_loss("tied", model, x, y)
+    names = [n for n, _ in model.named_parameters()]
+    start = sum(
+        p.numel() for n, p in model.named_parameters() if names.index(n) < names.index("first.weight")
+    )
+    block = slice(start, start + model.first.weight.numel())
+    expected = torch.func.hessian(loss)(theta0)[block, block]
+    for params in (["first.weight"], ["second.weight"], [model.second.weight]):
+        with hessian_operator(model, F.cross_entropy, (x, y), params=params) as op:
+            dense = op.matvec(torch.eye(op.shape[0], dtype=torch.float64))
+        torch.testing.assert_close(dense, expected, rtol=1e-9, atol=1e-11)
+    for params in (["first.weight", "second.weight"], ["second.weight", model.first.weight]):
+        with pytest.raises(ValueError, match=r"params: duplicate parameters \['first.weight'\].*tied"):
+            hessian_operator(model, F.cross_entropy, (x, y), params=params)
+    with pytest.raises(ValueError, match=r"params: the model has no parameter named 'third\.weight'"):
+        hessian_operator(model, F.cross_entropy, (x, y), params=["third.weight"])
+
+
 @pytest.mark.parametrize("method", ["double_backward", "forward_over_reverse"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_hessian_equals_the_hand_written_function(kind, method):
