@@ -14,6 +14,7 @@ from probes.spectral import (
     MatrixOperator,
     SpectralDensity,
     TraceResult,
+    default_block_size,
     density,
     eigenvalues,
     gradient_fraction_in_top_subspace,
@@ -379,6 +380,31 @@ def test_lanczos_top_eigenvalue_of_a_cluster_is_within_tol():
         if abs(result.values[0] - 22.0) > 1e-3 * 22.0:
             wrong.append((seed, float(result.values[0])))
     assert wrong == []
+
+
+def test_lanczos_default_block_finds_every_top_k_of_a_cluster():
+    """The same cluster, k = 5: one start vector returned the sixth eigenvalue for one of the top five
+    in seeds 3 and 58 of 60 (9 of 200), each value accurate and converged=True, because that
+    eigenvalue's component in the start vector was small; on a trained BN MLP's Hessian it missed
+    λ9 of a near-degenerate pair at k = 10 and λ_K came out 3.6% low. The default for k ≥ 2 is a block
+    of two start vectors, which finds all five in every seed (25 → 28 products, median)."""
+    rng = np.random.default_rng(0)
+    lams = np.concatenate([np.linspace(20.0, 22.0, 10), rng.standard_normal(190)])
+    op = MatrixOperator(torch.as_tensor(_with_spectrum(lams, seed=0)))
+    top5 = np.sort(lams)[::-1][:5]
+
+    def missed(**kwargs) -> list[int]:
+        out = []
+        for seed in range(60):
+            result = eigenvalues(op, k=5, which="LA", tol=1e-3, seed=seed, **kwargs)
+            assert result.converged
+            if np.max(np.abs(result.values - top5) / top5) > 1e-3:
+                out.append(seed)
+        return out
+
+    assert default_block_size(1) == 1 and default_block_size(5) == 2
+    assert missed() == []
+    assert missed(block_size=1) == [3, 58]  # the failure the default avoids
 
 
 @pytest.mark.parametrize("k", [18, 19])
