@@ -5,10 +5,12 @@ Runs in the project's environment (no peer tools needed)::
     .venv/bin/python benchmarks/probes.py [--quick] [--device cpu|cuda] [--threads 2]
 
 Same problems as ``benchmarks/hessian.py`` (train-mode BN at a seeded initialization). Each probe's wall
-time is a median over repetitions after a warm-up, divided by the median time of one plain gradient
-(forward + backward) on the same batch, the two timed alternately; "paired IQR" is the interquartile
-range of the per-repetition ratios. Bounds from the issue: ``ics_gradient_change`` ≤ layers + 1
-gradients, ``landscape_along_gradient`` ≤ grid size + 1 gradients. The probes' own counts
+time and one plain gradient (forward + backward) on the same batch are timed alternately after a
+warm-up; "÷ gradient" is the median of the per-repetition ratios and "paired IQR" their interquartile
+range. Bounds from the issue: ``ics_gradient_change`` ≤ layers + 1 gradients (layers:
+``parameterized_layers``, which counts ResNet-20's two 1×1 projection convs: 22), and
+``landscape_along_gradient`` ≤ grid size + 1 gradients. ✓ when the whole IQR is within the bound, ✗ when
+none of it is, "within spread" when the bound lies inside it. The probes' own counts
 (``ICSResult.n_gradients``, ``Landscape.n_grad_evals``) are printed next to the measured ratios.
 
 The landscape probe's evaluations are gradients at other weights (w − ηg). Two last rows therefore
@@ -21,10 +23,13 @@ calls is not quite one ninth of nine timed back to back; that difference is in t
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
 from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before torch loads numpy, as in hessian.py
 
 import torch
 from torch.nn import functional as F
@@ -32,7 +37,16 @@ from torch.nn import functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.hessian import build, median_time, plain_gradient, problem_specs, table, timed  # noqa: E402
+from benchmarks.hessian import (  # noqa: E402
+    build,
+    median_time,
+    plain_gradient,
+    problem_specs,
+    quartiles,
+    table,
+    timed,
+    verdict,
+)
 from probes import (  # noqa: E402
     hessian_eigenvalues,
     hessian_trace,
@@ -99,7 +113,7 @@ def interleaved_medians(
     probe, gradient, device: torch.device, reps: int
 ) -> tuple[float, float, tuple[float, float]]:
     """Median wall times of ``probe`` and of ``gradient``, timed alternately after one warm-up each, and
-    the quartiles of the paired ratios probe_i / gradient_i (the spread of the ratio over repetitions).
+    the quartiles (Q1, median, Q3) of the paired ratios probe_i / gradient_i: the ratio and its spread.
 
     Alternating the two cancels slow drifts of the machine (frequency, other load) that would bias a ratio
     of two medians taken minutes apart."""
@@ -108,9 +122,8 @@ def interleaved_medians(
     for _ in range(reps):
         tg.append(timed(gradient, device)[0])
         tp.append(timed(probe, device)[0])
-    paired = [p / g for p, g in zip(tp, tg, strict=True)]
-    q = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
-    return statistics.median(tp), statistics.median(tg), (q[0], q[2])
+    q1, median, q3 = quartiles([p / g for p, g in zip(tp, tg, strict=True)])
+    return statistics.median(tp), statistics.median(tg), (q1, median, q3)
 
 
 def run(spec: dict, device: torch.device, reps: int) -> list[list[str]]:
@@ -153,9 +166,8 @@ def run(spec: dict, device: torch.device, reps: int) -> list[list[str]]:
     }
     rows = []
     for name, (fn, bound_text, bound) in probes.items():
-        t, g, (q1, q3) = interleaved_medians(fn, lambda: plain_gradient(model, x, y), device, reps)
-        ratio = t / g
-        verdict = "" if bound is None else ("✓" if ratio <= bound else "✗")
+        t, _, (q1, ratio, q3) = interleaved_medians(fn, lambda: plain_gradient(model, x, y), device, reps)
+        mark = "" if bound is None else verdict(q1, q3, bound)
         rows.append(
             [
                 spec["name"],
@@ -164,7 +176,7 @@ def run(spec: dict, device: torch.device, reps: int) -> list[list[str]]:
                 f"{ratio:.2f}",
                 f"{q1:.2f}–{q3:.2f}",
                 bound_text,
-                verdict,
+                mark,
             ]
         )
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -186,7 +198,7 @@ def run(spec: dict, device: torch.device, reps: int) -> list[list[str]]:
         ),
     }
     for name, (baseline, describe) in baselines.items():
-        t, h, (q1, q3) = interleaved_medians(
+        t, h, (q1, ratio, q3) = interleaved_medians(
             lambda: landscape_along_gradient(model, F.cross_entropy, batch, step_sizes=GRID),
             baseline,
             device,
@@ -194,7 +206,7 @@ def run(spec: dict, device: torch.device, reps: int) -> list[list[str]]:
         )
         model.load_state_dict(state)  # running statistics as they were
         rows.append(
-            [spec["name"], name, f"{t * 1e3:.1f} ms", f"{t / h:.3f}", f"{q1:.3f}–{q3:.3f}", describe(h), ""]
+            [spec["name"], name, f"{t * 1e3:.1f} ms", f"{ratio:.3f}", f"{q1:.3f}–{q3:.3f}", describe(h), ""]
         )
     rows.insert(
         0, [spec["name"], "one gradient", f"{grad_time * 1e3:.1f} ms", "1.00", "", f"{n_layers} layers", ""]
