@@ -661,7 +661,9 @@ def fmt_t(t: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smaller batches, fewer repetitions (< 3 min)")
+    ap.add_argument(
+        "--quick", action="store_true", help="smaller batches, fewer repetitions (17 min on a 2-core EPYC)"
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=None)

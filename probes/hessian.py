@@ -87,7 +87,8 @@ def hessian_eigenvalues(
     ``hvp`` picks the Hessian-vector product and ``cache_graphs`` whether each batch's gradient graph
     is kept for all products (:func:`probes.hvp.hessian_operator`; default: kept for one batch, the
     faster choice, while ``cache_graphs=False`` needs less memory: on ResNet-20, 2.1× a gradient's
-    tensor bytes instead of 3.0×, at 2.9× a gradient's time per product instead of 1.7–1.9×).
+    tensor bytes instead of 3.0×, at 2.9× a gradient's time per product instead of 1.7–1.9×;
+    ``benchmarks/README.md``).
     ``block_size``: block Lanczos; default 1 for ``k = 1`` and 2 for ``k ≥ 2``, where one start vector
     missed one of a near-degenerate pair of wanted eigenvalues in 1–2% of seeds on a BN MLP's Hessian
     (:func:`probes.spectral.default_block_size`). Larger blocks are for eigenvalues repeated *exactly* up

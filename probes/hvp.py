@@ -38,8 +38,9 @@ METHODS = ("auto", "double_backward", "forward_over_reverse")
 #:
 #: * ``"cpu"``: **measured** by ``benchmarks/hessian.py`` (2 threads; ``benchmarks/README.md``, and the
 #:   table in :func:`hessian_operator`): one HVP by double backward with the reused graph took 1.71–1.90×
-#:   (ResNet-20, two runs) and 1.14× (MLP-10) a gradient, by forward-over-reverse 3.23–3.64× and 4.00×
-#:   (forward-over-reverse also needed about twice the peak memory).
+#:   (ResNet-20, two runs on a Xeon; 1.77× paired on an EPYC) and 1.14–1.36× (MLP-10) a gradient, by
+#:   forward-over-reverse 3.23–3.87× and 4.00–5.01× (forward-over-reverse also needed about twice the
+#:   peak memory).
 #: * ``"cuda"``: **not measured**. Double backward is kept, as on CPU, until
 #:   ``benchmarks/hessian.py --device cuda`` has timed both methods on a GPU; record that measurement
 #:   here and in ``benchmarks/README.md`` before changing this entry.
