@@ -35,6 +35,7 @@ __all__ = [
     "check_loss",
     "eval_mode",
     "functional_loss",
+    "grads_or_none",
     "in_one_allocation",
     "is_batch_dependent",
     "norm_mode",
@@ -666,7 +667,7 @@ class FunctionalLoss:
 
         def forward_backward() -> tuple[Tensor, tuple[Tensor | None, ...]]:
             loss = self(theta)
-            return loss, torch.autograd.grad(loss, inputs, allow_unused=True)
+            return loss, grads_or_none(loss, inputs)
 
         with torch.enable_grad():
             loss, grads = self.bound(theta, forward_backward)
@@ -678,6 +679,17 @@ class FunctionalLoss:
         leaf = theta.detach().clone().requires_grad_(True)
         loss, (grad,) = self.value_and_grad_at(leaf, [leaf])
         return loss, torch.zeros_like(leaf) if grad is None else grad.detach()
+
+
+def grads_or_none(
+    loss: Tensor, inputs: Sequence[Tensor], *, create_graph: bool = False
+) -> tuple[Tensor | None, ...]:
+    """``∇loss`` with respect to each of ``inputs``, None for one the loss does not depend on, also when
+    it depends on none of them (a loss that does not require grad: autograd raises "element 0 of tensors
+    does not require grad" there even with ``allow_unused``)."""
+    if not loss.requires_grad:
+        return (None,) * len(inputs)
+    return torch.autograd.grad(loss, inputs, create_graph=create_graph, allow_unused=True)
 
 
 def functional_loss(

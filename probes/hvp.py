@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from probes.functional import (
     FunctionalLoss,
+    grads_or_none,
     outside_callers_modes,
     probe_guard,
     twice_differentiable,
@@ -240,9 +241,7 @@ class HessianOperator:
 def _grad_or_zeros(loss: Tensor, theta: Tensor, *, create_graph: bool) -> Tensor:
     """∇_θ loss, and zeros where the loss does not depend on θ: a block that no forward pass uses (an
     auxiliary head outside this loss) has a zero gradient and a zero Hessian, not an autograd error."""
-    if not loss.requires_grad:
-        return torch.zeros_like(theta)
-    (g,) = torch.autograd.grad(loss, theta, create_graph=create_graph, allow_unused=True)
+    (g,) = grads_or_none(loss, [theta], create_graph=create_graph)
     return torch.zeros_like(theta) if g is None else g
 
 

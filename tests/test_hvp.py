@@ -279,6 +279,12 @@ def test_a_block_the_loss_does_not_use_or_is_linear_in_has_a_zero_hessian(method
     )
     out = hessian_outliers(model, F.cross_entropy, (x, y), num_classes=2, params=model.aux, hvp=method)
     assert math.isnan(out.ratio) and math.isnan(out.gradient_fraction)
+    # the functional loss's own gradient (the gradient probes' path) is zero there too, not that error
+    f, theta0 = functional_loss(model, F.cross_entropy, (x, y), params=model.aux)
+    value, grad = f.value_and_grad(theta0)
+    with torch.no_grad():
+        expected = float(F.cross_entropy(model(x), y))
+    assert torch.equal(grad, torch.zeros_like(theta0)) and value == pytest.approx(expected, rel=1e-12)
     # a loss linear in the block: the gradient is constant, the Hessian block zero
     with hessian_operator(lin, lambda o, t: o.mean(), (x, y), params=["bias"], **kw) as op:
         assert torch.equal(op.matvec(torch.ones(3, dtype=torch.float64)), torch.zeros(3, dtype=torch.float64))
