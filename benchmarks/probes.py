@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 from pathlib import Path
 
@@ -40,11 +39,11 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.hessian import (  # noqa: E402
     build,
     median_time,
+    paired_times,
     plain_gradient,
     problem_specs,
     quartiles,
     table,
-    timed,
     verdict,
 )
 from probes import (  # noqa: E402
@@ -111,19 +110,14 @@ def gradients_back_to_back(model, x, y, n: int) -> None:
 
 def interleaved_medians(
     probe, gradient, device: torch.device, reps: int
-) -> tuple[float, float, tuple[float, float]]:
+) -> tuple[float, float, tuple[float, float, float]]:
     """Median wall times of ``probe`` and of ``gradient``, timed alternately after one warm-up each, and
     the quartiles (Q1, median, Q3) of the paired ratios probe_i / gradient_i: the ratio and its spread.
 
     Alternating the two cancels slow drifts of the machine (frequency, other load) that would bias a ratio
-    of two medians taken minutes apart."""
-    probe(), gradient()
-    tp, tg = [], []
-    for _ in range(reps):
-        tg.append(timed(gradient, device)[0])
-        tp.append(timed(probe, device)[0])
-    q1, median, q3 = quartiles([p / g for p, g in zip(tp, tg, strict=True)])
-    return statistics.median(tp), statistics.median(tg), (q1, median, q3)
+    of two medians taken minutes apart (:func:`benchmarks.hessian.paired_times`)."""
+    tp, tg, ratios = paired_times(probe, gradient, device, reps)
+    return tp, tg, quartiles(ratios)
 
 
 def run(spec: dict, device: torch.device, reps: int) -> list[list[str]]:
