@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
 from probes import spectral
@@ -30,6 +31,7 @@ from probes.hvp import HessianOperator, hessian_operator
 from probes.spectral import EigenResult, SpectralDensity, TraceResult
 
 __all__ = [
+    "START_METHODS",
     "EigenResult",
     "HessianOperator",
     "OutlierResult",
@@ -45,6 +47,7 @@ __all__ = [
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Batches = tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]]
 Params = nn.Module | Sequence[str] | Sequence[nn.Parameter] | None
+START_METHODS = ("gradient", "random")
 
 
 def _layer_name(params: Params) -> str:
@@ -74,6 +77,7 @@ def hessian_eigenvalues(
     seed: int = 0,
     return_vectors: bool = False,
     block_size: int | None = None,
+    start: str = "gradient",
     layer: str | None = None,
 ) -> EigenResult:
     """The ``k`` extreme eigenvalues of ∇²L by Lanczos (``method="lanczos"``, torch, full
@@ -96,7 +100,23 @@ def hessian_eigenvalues(
     is initialized to zero. A block of ``b`` start vectors sees ``b`` copies of such an eigenvalue: the
     rest of the top-k is then taken from further down the spectrum, accurate eigenvalues all, so
     ``converged`` cannot flag it.
+    ``start``: ``"gradient"`` (default) adds the loss gradient, normalized, to the first seeded random
+    start vector (``guess`` of :func:`probes.spectral.eigenvalues`); ``"random"`` starts at random only.
+    The gradient of a network's loss lies largely in the Hessian's top eigenspace (Gur-Ari, Roberts & Dyer
+    2018, "Gradient descent happens in a tiny subspace"), so the top eigenvalue converges in fewer
+    products, while the random part keeps every eigenvector in the start. Measured (tol 1e-3, top-1 LA):
+    ResNet-20 of ``benchmarks/hessian.py``, ``bn="running"``, 18, 16, 14 products for seeds 0–2 → 12, 12,
+    12; ``bn="batch"`` 30, 31 → 27, 27; its MLP-10 21 (median of 5) → 16 and 24 → 23. On 1990-parameter
+    float64 MLPs, median of 100 seeds: 13 → 11 (BN, at init), 10 → 7 (LN, trained), 6 → 5 (no norm,
+    trained), but 8 → 9 where the gradient has 6e-4 of its squared norm on the top eigenvector (BN,
+    trained); k = 5 and 10 within ±2 either way; no eigenvalue missed in any of them. The gradient comes
+    with the cached graph at no cost; otherwise it costs one gradient pass over ``batches``. A zero or
+    non-finite gradient leaves the start random. Returned vectors then carry small errors correlated with
+    the gradient: measure the gradient's alignment with ``start="random"`` vectors (as
+    :func:`hessian_outliers` does).
     """
+    if start not in START_METHODS:
+        raise ValueError(f"start must be one of {START_METHODS}, got {start!r}")
     with hessian_operator(
         model, loss_fn, batches, params=params, bn=bn, method=hvp, cache_graphs=cache_graphs
     ) as op:
@@ -110,8 +130,16 @@ def hessian_eigenvalues(
             seed=seed,
             return_vectors=return_vectors,
             block_size=block_size,
+            guess=_gradient_guess(op) if start == "gradient" else None,
         )
     return _relabel(result, layer or _layer_name(params), "hessian_eigenvalues")
+
+
+def _gradient_guess(op: HessianOperator) -> Tensor | None:
+    """The operator's gradient as a start direction, or None when it is zero or not finite (a diverged
+    loss: the products are then not finite either, and the eigensolver reports that)."""
+    g = op.gradient()
+    return g if bool(torch.isfinite(g).all()) and bool(g.any()) else None
 
 
 def hessian_trace(
@@ -220,7 +248,9 @@ def hessian_outliers(
     ``num_classes`` K ≥ 2, fewer than the parameters. ``hvp``, ``cache_graphs``, ``block_size``: as in
     :func:`hessian_eigenvalues`; at a symmetric point (a zero-initialized last layer makes the top
     eigenvalue K − 1 times repeated) pass ``block_size=num_classes``, or λ_K comes from below the
-    outliers."""
+    outliers. Lanczos starts at random here (``start="random"`` of :func:`hessian_eigenvalues`): the
+    gradient fraction is measured on its vectors, whose unconverged parts would otherwise correlate with
+    the gradient."""
     num_classes = as_int(num_classes)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(

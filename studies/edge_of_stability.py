@@ -17,7 +17,8 @@ training subset, in training and in the probe alike. Every ``probe_every`` updat
 ``sharpness`` computes λmax of the full-batch training-loss Hessian by Lanczos
 (``probes.hessian.hessian_eigenvalues``, k = 1, ``which="LA"``, tol 1e-3, BN measured with
 ``bn="batch"``: the loss GD descends; no running statistic is updated), from a fresh start vector at
-each probe (no warm start), together with its number of Hessian-vector products. A λmax that Lanczos
+each probe (the seeded random vector plus the loss gradient, ``start="gradient"``; no warm start from
+the previous probe's eigenvector), together with its number of Hessian-vector products. A λmax that Lanczos
 does not bring within the tolerance is not recorded as a value: that probe step gets a ``failed`` row
 whose ``reason`` says so (estimate, tolerance, products spent), and training goes on.
 *Quick*: the first 500 MNIST-1D training examples (Cohen et al.: 5000 CIFAR-10 images), η ∈ {0.1,

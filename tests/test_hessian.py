@@ -281,3 +281,44 @@ def test_counts_given_as_numpy_integers_are_counts():
     )
     with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
         hessian_outliers(*args, num_classes=np.float64(3.0))
+
+
+@pytest.mark.parametrize("name", ["mlp-bn", "vgg-ln", "mlp-bn-running"])
+def test_start_gradient_leans_lanczos_on_the_loss_gradient(name):
+    """``start="gradient"`` (the default) is ``spectral.eigenvalues(op, guess=op.gradient())`` and
+    ``"random"`` the plain seeded start, product for product; both give the explicit top eigenvalues."""
+    from probes import spectral
+    from probes.hvp import hessian_operator
+
+    case = CASES[name]()
+    exact = exact_spectrum(case)[::-1]
+    args = (case.model, case.loss_fn, case.batches)
+    for k in (1, 3):
+        with hessian_operator(*args, bn=case.bn) as op:
+            leaned = spectral.eigenvalues(op, k=k, tol=1e-9, seed=2, guess=op.gradient())
+            plain = spectral.eigenvalues(op, k=k, tol=1e-9, seed=2)
+        state = ModelState.capture(case.model)
+        default = hessian_eigenvalues(*args, k=k, tol=1e-9, bn=case.bn, seed=2)
+        random = hessian_eigenvalues(*args, k=k, tol=1e-9, bn=case.bn, seed=2, start="random")
+        assert state.differences(case.model) == []
+        np.testing.assert_array_equal(default.values, leaned.values)
+        np.testing.assert_array_equal(random.values, plain.values)
+        assert (default.n_matvecs, random.n_matvecs) == (leaned.n_matvecs, plain.n_matvecs)
+        for result in (default, random):
+            np.testing.assert_allclose(result.values, exact[:k], rtol=1e-7)
+    with pytest.raises(ValueError, match=r"start must be one of \('gradient', 'random'\), got 'grad'"):
+        hessian_eigenvalues(*args, start="grad")
+
+
+def test_start_gradient_with_a_zero_gradient_starts_at_random():
+    """A block the loss does not use has a zero gradient: the gradient start is then the random one."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    model = nn.ModuleDict({"trunk": trunk, "aux": nn.Linear(5, 3)}).double()
+    model.forward = trunk.forward  # the aux head is never used
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    kw = dict(params=model["aux"], k=2, which="LA", seed=1)
+    a = hessian_eigenvalues(model, nn.functional.cross_entropy, (x, y), **kw)
+    b = hessian_eigenvalues(model, nn.functional.cross_entropy, (x, y), start="random", **kw)
+    np.testing.assert_array_equal(a.values, np.zeros(2))
+    assert a.n_matvecs == b.n_matvecs

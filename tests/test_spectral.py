@@ -407,6 +407,92 @@ def test_lanczos_default_block_finds_every_top_k_of_a_cluster():
     assert missed(block_size=1) == [3, 58]  # the failure the default avoids
 
 
+def _top_near_the_bulk() -> tuple[np.ndarray, np.ndarray]:
+    """n = 2000: eigenvalues 1.3, 1.15, 1.1 just above a bulk uniform in [−1, 1] (a slow top-1); the
+    matrix and its eigenvectors (columns in that order)."""
+    rng = np.random.default_rng(6)
+    lams = np.concatenate([[1.3, 1.15, 1.1], rng.uniform(-1.0, 1.0, 1997)])
+    Q, _ = np.linalg.qr(rng.standard_normal((2000, 2000)))
+    A = (Q * lams) @ Q.T
+    return 0.5 * (A + A.T), Q
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_a_guess_near_the_top_eigenvector_saves_products(method: str) -> None:
+    """A start leaning on a vector with half its squared norm on the top eigenvector (the rest spread
+    over the bulk, as a gradient's is over a Hessian's) converges in fewer products to the same value.
+    Measured: Lanczos 28–32 products → 24, power iteration 265–312 → 183–225 (seeds 0–4)."""
+    A, Q = _top_near_the_bulk()
+    op = MatrixOperator(torch.as_tensor(A))
+    rng = np.random.default_rng(7)
+    guess = Q[:, 0] + Q[:, 3:] @ rng.standard_normal(1997) / math.sqrt(1997)  # ‖bulk part‖ ≈ ‖top part‖
+    counts = {}
+    for name, kwargs in (("random", {}), ("guess", {"guess": torch.as_tensor(guess)})):
+        res = [eigenvalues(op, k=1, tol=1e-6, method=method, seed=s, **kwargs) for s in range(5)]
+        for r in res:
+            assert r.converged
+            assert r.values[0] == pytest.approx(1.3, rel=1e-6)
+        counts[name] = [r.n_matvecs for r in res]
+    assert max(counts["guess"]) < min(counts["random"]), counts
+
+
+def test_arpack_starts_from_the_leaned_vector(monkeypatch) -> None:
+    """``method="scipy"`` hands ARPACK ``v0 = u/‖u‖ + guess/‖guess‖`` (u its seeded random vector)."""
+    op = MatrixOperator(MATRICES["indefinite"])
+    n = op.shape[0]
+    guess = np.arange(n, dtype=np.float64) - 40.0
+    seen = []
+    real = spectral.sla.eigsh
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["v0"].copy())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(spectral.sla, "eigsh", spy)
+    eigenvalues(op, k=2, method="scipy", seed=5, guess=guess)
+    u = np.random.default_rng(5).standard_normal(n)
+    np.testing.assert_allclose(seen[0], u / np.linalg.norm(u) + guess / np.linalg.norm(guess), rtol=1e-14)
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_a_useless_guess_misses_nothing(which: str) -> None:
+    """A guess along an eigenvector the run does not want (the bottom one for LA, the top one for SA)
+    leaves every wanted eigenvalue in the start: the same values as from a random start, for one start
+    vector and for a block, at most a few products more."""
+    for name in ("indefinite", "repeated"):
+        A = MATRICES[name]
+        ev, U = np.linalg.eigh(A)
+        op = MatrixOperator(torch.as_tensor(A))
+        unwanted = U[:, -1] if which == "SA" else U[:, 0] if which == "LA" else U[:, len(ev) // 2]
+        for k in (1, 5):
+            b = 3 if (name == "repeated" and k > 1) else None  # 10 and −3 are triple eigenvalues
+            plain = eigenvalues(op, k=k, which=which, tol=1e-8, seed=3, block_size=b)
+            leaned = eigenvalues(op, k=k, which=which, tol=1e-8, seed=3, block_size=b, guess=unwanted)
+            np.testing.assert_allclose(leaned.values, _exact(A, which, k), rtol=1e-7, atol=1e-9)
+            np.testing.assert_allclose(leaned.values, plain.values, rtol=1e-7, atol=1e-9)
+            assert leaned.converged and leaned.n_matvecs <= plain.n_matvecs + 4 * (1 + (k > 1))
+
+
+def test_a_zero_guess_is_no_guess_and_a_bad_one_is_refused() -> None:
+    op = MatrixOperator(MATRICES["indefinite"])
+    n = op.shape[0]
+    for method in ("lanczos", "scipy", "power"):
+        plain = eigenvalues(op, k=2, method=method, seed=4, return_vectors=True)
+        zero = eigenvalues(op, k=2, method=method, seed=4, return_vectors=True, guess=torch.zeros(n))
+        np.testing.assert_array_equal(zero.values, plain.values)
+        np.testing.assert_array_equal(zero.vectors, plain.vectors)
+        assert zero.n_matvecs == plain.n_matvecs
+    bad_entry = torch.ones(n)
+    bad_entry[3] = float("nan")
+    for bad, what in (
+        (torch.ones(n + 1), rf"guess must be a vector of shape \({n},\), got shape \({n + 1},\)"),
+        (torch.ones(n, 1), rf"guess must be a vector of shape \({n},\), got shape \({n}, 1\)"),
+        (bad_entry, "guess must be finite"),
+    ):
+        with pytest.raises(ValueError, match=what):
+            eigenvalues(op, guess=bad)
+
+
 @pytest.mark.parametrize("k", [18, 19])
 def test_lanczos_near_the_whole_space_returns_the_exact_top_k(k: int) -> None:
     """n = 20, spectrum −1000, −5 and 18 values in [0, 3]: the top 19 held −1000 (m = k = 19, every Ritz
