@@ -530,6 +530,50 @@ def test_status_probes_do_not_make_a_sweep_skip_a_run(tmp_path):
         assert mine and not other  # a real holder still excludes
 
 
+def test_a_slow_status_probe_does_not_make_a_sweep_skip_a_run(tmp_path):
+    """A `whybn status` probe slowed by load holds its shared lock for 30 ms of every 32: four tries
+    50 ms apart met it every time and the sweep skipped the run (the flake of the test above). A claim
+    now tells a shared holder from an exclusive one and waits for the probe; another sweep's exclusive
+    lock is still refused at once."""
+    import fcntl
+    import os
+    import threading
+    import time
+
+    store = RunStore(tmp_path, "sweeptoy", "quick")
+    with store.claim("r") as mine:
+        assert mine
+    stop = threading.Event()
+
+    def slow_poll() -> None:
+        fd = os.open(store.lock_path("r"), os.O_RDONLY)
+        try:
+            while not stop.is_set():
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                time.sleep(0.03)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                time.sleep(0.002)
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=slow_poll)
+    thread.start()
+    try:
+        claims = []
+        for _ in range(10):
+            with store.claim("r") as mine:
+                claims.append(mine)
+    finally:
+        stop.set()
+        thread.join()
+    assert claims == [True] * 10
+    with store.claim("r") as mine:
+        start = time.monotonic()
+        with store.claim("r") as other:
+            assert mine and not other
+        assert time.monotonic() - start < 0.5  # refused without waiting out the patience
+
+
 def test_figures_are_the_same_files_every_time_and_the_rng_is_left_alone(tmp_path):
     """Strip-plot jitter draws from numpy's global RNG: drawing is seeded, and the caller's state kept."""
     import numpy as np

@@ -78,7 +78,33 @@ RUN_STATES = ("done", "diverged", "running", "failed", "interrupted", "pending")
 #: figures, and the temporary copies of atomic writes).
 MIN_FREE_BYTES = 64 * 2**20
 
-_CLAIM_ATTEMPTS = 4
+#: How long a claim keeps trying while only `whybn status` probes (shared locks) stand in its way.
+_CLAIM_PATIENCE_S = 5.0
+
+
+def _lock_exclusive(fd: int) -> bool:
+    """Take ``fd``'s exclusive flock without waiting for another sweep: False when one holds it.
+
+    `whybn status` (``RunStore.holder``) takes a shared lock for microseconds to look. An exclusive
+    request that meets one fails too, so a failed request asks for a shared lock on ``fd``: granted,
+    nobody holds the exclusive lock and only such probes were in the way, so it lets go and tries again
+    (for up to ``_CLAIM_PATIENCE_S``); refused, another sweep runs the run. Four tries 50 ms apart could
+    all meet a probe: under load a sweep then skipped a run nobody ran."""
+    deadline = time.monotonic() + _CLAIM_PATIENCE_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # an exclusive holder: another sweep
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -442,17 +468,9 @@ class RunStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            for attempt in range(_CLAIM_ATTEMPTS):
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    # a `holder` probe (whybn status) holds a shared lock for microseconds: look again
-                    # before concluding that another sweep runs this run
-                    if attempt == _CLAIM_ATTEMPTS - 1:
-                        yield False
-                        return
-                    time.sleep(0.05)
+            if not _lock_exclusive(fd):
+                yield False
+                return
             holder = (
                 f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n"
             )
