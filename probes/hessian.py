@@ -37,6 +37,7 @@ __all__ = [
     "OutlierResult",
     "SpectralDensity",
     "TraceResult",
+    "default_start",
     "hessian_density",
     "hessian_eigenvalues",
     "hessian_operator",
@@ -77,7 +78,7 @@ def hessian_eigenvalues(
     seed: int = 0,
     return_vectors: bool = False,
     block_size: int | None = None,
-    start: str = "gradient",
+    start: str | None = None,
     layer: str | None = None,
 ) -> EigenResult:
     """The ``k`` extreme eigenvalues of ∇²L by Lanczos (``method="lanczos"``, torch, full
@@ -100,23 +101,20 @@ def hessian_eigenvalues(
     is initialized to zero. A block of ``b`` start vectors sees ``b`` copies of such an eigenvalue: the
     rest of the top-k is then taken from further down the spectrum, accurate eigenvalues all, so
     ``converged`` cannot flag it.
-    ``start``: ``"gradient"`` (default) adds the loss gradient, normalized, to the first seeded random
-    start vector (``guess`` of :func:`probes.spectral.eigenvalues`); ``"random"`` starts at random only.
-    The gradient of a network's loss lies largely in the Hessian's top eigenspace (Gur-Ari, Roberts & Dyer
-    2018, "Gradient descent happens in a tiny subspace"), so the top eigenvalue converges in fewer
-    products, while the random part keeps every eigenvector in the start. Measured (tol 1e-3, top-1 LA):
-    ResNet-20 of ``benchmarks/hessian.py``, ``bn="running"``, 18, 16, 14 products for seeds 0–2 → 12, 12,
-    12; ``bn="batch"`` 30, 31 → 27, 27; its MLP-10 21 (median of 5) → 16 and 24 → 23. On 1990-parameter
-    float64 MLPs, median of 100 seeds: 13 → 11 (BN, at init), 10 → 7 (LN, trained), 6 → 5 (no norm,
-    trained), but 8 → 9 where the gradient has 6e-4 of its squared norm on the top eigenvector (BN,
-    trained); k = 5 and 10 within ±2 either way; no eigenvalue missed in any of them. The gradient comes
-    with the cached graph at no cost; otherwise it costs one gradient pass over ``batches``. A zero or
-    non-finite gradient leaves the start random. Returned vectors then carry small errors correlated with
-    the gradient: measure the gradient's alignment with ``start="random"`` vectors (as
-    :func:`hessian_outliers` does).
+    ``start``: ``"gradient"`` adds the loss gradient, normalized, to the first seeded random start vector
+    (``guess`` of :func:`probes.spectral.eigenvalues`); ``"random"`` starts at random only; default
+    (None): :func:`default_start`, the gradient for ``k = 1`` and random for ``k ≥ 2``. The gradient of a
+    network's loss lies largely in the Hessian's top eigenspace (Gur-Ari, Roberts & Dyer 2018, "Gradient
+    descent happens in a tiny subspace"), so the top eigenvalue converges in fewer products, while the
+    random part keeps every eigenvector in the start. The gradient comes with the cached graph at no
+    cost; otherwise it costs one gradient pass over ``batches``. A zero or non-finite gradient leaves the
+    start random. Returned vectors then carry small errors correlated with the gradient: measure the
+    gradient's alignment with ``start="random"`` vectors (as :func:`hessian_outliers` does).
     """
+    if start is None:
+        start = default_start(k)
     if start not in START_METHODS:
-        raise ValueError(f"start must be one of {START_METHODS}, got {start!r}")
+        raise ValueError(f"start must be one of {START_METHODS} or None, got {start!r}")
     with hessian_operator(
         model, loss_fn, batches, params=params, bn=bn, method=hvp, cache_graphs=cache_graphs
     ) as op:
@@ -133,6 +131,22 @@ def hessian_eigenvalues(
             guess=_gradient_guess(op) if start == "gradient" else None,
         )
     return _relabel(result, layer or _layer_name(params), "hessian_eigenvalues")
+
+
+def default_start(k: int) -> str:
+    """:func:`hessian_eigenvalues`' start when the caller gives none: ``"gradient"`` for ``k = 1``,
+    ``"random"`` for ``k ≥ 2``.
+
+    Measured (tol 1e-3, ``which="LA"``). Top-1 needs fewer products from the gradient: ResNet-20 of
+    ``benchmarks/hessian.py``, ``bn="running"``, 18, 16, 14 products for seeds 0–2 → 12, 12, 12 and
+    ``bn="batch"`` 30, 31 → 27, 27; its MLP-10 21 (median of 5 seeds) → 16 and 24 → 23; 1990-parameter
+    float64 MLPs, median of 100 seeds, 13 → 11 (BN, at init), 10 → 7 (LN, trained), 6 → 5 (no norm,
+    trained), and 8 → 9 where the gradient has 6e-4 of its squared norm on the top eigenvector (BN,
+    trained). Top-k gains nothing reliable: within ±2 products at k = 5 and 10 on those MLPs,
+    36 against 44 and 48 against 52 on the benchmark's running-statistics networks, but 240 and 180
+    against 186 and 186 (seeds 0, 1) on ResNet-20's trained loss, whose λmin = −457 dwarfs λ1 = 19. No
+    eigenvalue was missed from either start."""
+    return "gradient" if as_int(k) == 1 else "random"
 
 
 def _gradient_guess(op: HessianOperator) -> Tensor | None:

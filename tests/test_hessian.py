@@ -285,28 +285,33 @@ def test_counts_given_as_numpy_integers_are_counts():
 
 @pytest.mark.parametrize("name", ["mlp-bn", "vgg-ln", "mlp-bn-running"])
 def test_start_gradient_leans_lanczos_on_the_loss_gradient(name):
-    """``start="gradient"`` (the default) is ``spectral.eigenvalues(op, guess=op.gradient())`` and
-    ``"random"`` the plain seeded start, product for product; both give the explicit top eigenvalues."""
+    """``start="gradient"`` is ``spectral.eigenvalues(op, guess=op.gradient())`` and ``"random"`` the
+    plain seeded start, product for product; the default is the gradient for k = 1 and random for k ≥ 2
+    (``default_start``). All give the explicit top eigenvalues."""
     from probes import spectral
+    from probes.hessian import default_start
     from probes.hvp import hessian_operator
 
     case = CASES[name]()
     exact = exact_spectrum(case)[::-1]
     args = (case.model, case.loss_fn, case.batches)
+    assert [default_start(k) for k in (1, np.int64(1), 3)] == ["gradient", "gradient", "random"]
     for k in (1, 3):
         with hessian_operator(*args, bn=case.bn) as op:
             leaned = spectral.eigenvalues(op, k=k, tol=1e-9, seed=2, guess=op.gradient())
             plain = spectral.eigenvalues(op, k=k, tol=1e-9, seed=2)
         state = ModelState.capture(case.model)
-        default = hessian_eigenvalues(*args, k=k, tol=1e-9, bn=case.bn, seed=2)
-        random = hessian_eigenvalues(*args, k=k, tol=1e-9, bn=case.bn, seed=2, start="random")
+        runs = {
+            start: hessian_eigenvalues(*args, k=k, tol=1e-9, bn=case.bn, seed=2, start=start)
+            for start in (None, "gradient", "random")
+        }
         assert state.differences(case.model) == []
-        np.testing.assert_array_equal(default.values, leaned.values)
-        np.testing.assert_array_equal(random.values, plain.values)
-        assert (default.n_matvecs, random.n_matvecs) == (leaned.n_matvecs, plain.n_matvecs)
-        for result in (default, random):
+        expected = {None: leaned if k == 1 else plain, "gradient": leaned, "random": plain}
+        for start, result in runs.items():
+            np.testing.assert_array_equal(result.values, expected[start].values)
+            assert result.n_matvecs == expected[start].n_matvecs
             np.testing.assert_allclose(result.values, exact[:k], rtol=1e-7)
-    with pytest.raises(ValueError, match=r"start must be one of \('gradient', 'random'\), got 'grad'"):
+    with pytest.raises(ValueError, match=r"start must be one of \('gradient', 'random'\) or None, got 'gr"):
         hessian_eigenvalues(*args, start="grad")
 
 
@@ -318,7 +323,7 @@ def test_start_gradient_with_a_zero_gradient_starts_at_random():
     model.forward = trunk.forward  # the aux head is never used
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
     kw = dict(params=model["aux"], k=2, which="LA", seed=1)
-    a = hessian_eigenvalues(model, nn.functional.cross_entropy, (x, y), **kw)
+    a = hessian_eigenvalues(model, nn.functional.cross_entropy, (x, y), start="gradient", **kw)
     b = hessian_eigenvalues(model, nn.functional.cross_entropy, (x, y), start="random", **kw)
     np.testing.assert_array_equal(a.values, np.zeros(2))
     assert a.n_matvecs == b.n_matvecs
