@@ -217,9 +217,9 @@ class HessianOperator:
         return out
 
     def _evaluate(self) -> None:
-        grad = torch.zeros_like(self._f.theta0)
-        loss = 0.0
-        with probe_guard(self._f.model):
+        with probe_guard(self._f.model):  # outside a caller's inference_mode, so grad can be summed into
+            grad = torch.zeros_like(self._f.theta0)
+            loss = 0.0
             for b, w in enumerate(self._f.weights):
                 if self.method == "double_backward" and self.cache_graphs:
                     _, g, value = self._graph(b)  # the graph the HVPs reuse

@@ -231,6 +231,8 @@ def _probe_calls() -> dict:
     ce = F.cross_entropy
     return {
         "eigenvalues": lambda m, b, o: hessian_eigenvalues(m, ce, b, k=2).values,
+        "eigenvalues_top1": lambda m, b, o: hessian_eigenvalues(m, ce, b, k=1).values,  # gradient start
+        "eigenvalues_uncached": lambda m, b, o: hessian_eigenvalues(m, ce, b, cache_graphs=False).values,
         "eigenvalues_fwd": lambda m, b, o: hessian_eigenvalues(m, ce, b, hvp="forward_over_reverse").values,
         "trace": lambda m, b, o: hessian_trace(m, ce, b, n_probes=6).value,
         "density": lambda m, b, o: hessian_density(m, ce, b, n_iter=6, n_runs=2).density,
