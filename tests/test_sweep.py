@@ -427,6 +427,18 @@ def launch(results: Path, workers: int, seeds: int, sleep: float) -> subprocess.
     )
 
 
+def group_exited(pgid: int, *, timeout: float) -> bool:
+    """Whether every process of group ``pgid`` (a sweep and its workers) is gone within ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def test_sweep_with_workers_killed_by_sigkill_resumes_with_every_run_once(tmp_path, attempt_log):
     store = RunStore(tmp_path, "sweeptoy", "quick")
     proc = launch(tmp_path, workers=2, seeds=6, sleep=1.0)
@@ -437,6 +449,9 @@ def test_sweep_with_workers_killed_by_sigkill_resumes_with_every_run_once(tmp_pa
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    # its workers die after it, each letting go of its run's lock as it exits; a resume that starts
+    # before then finds those runs held ("busy"), as it should
+    assert group_exited(proc.pid, timeout=10), "the killed sweep's workers did not exit"
     done_before = set(store.run_ids(done=True))
     interrupted = set(store.run_ids(done=False))
     assert done_before and interrupted and len(done_before) < 6
@@ -684,14 +699,7 @@ def test_sigterm_ends_the_sweep_and_its_workers_and_the_same_command_resumes(tmp
     os.kill(proc.pid, signal.SIGTERM)  # the parent only, as `kill PID` does
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and "interrupted; finished runs are kept" in err
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)  # any process left in the sweep's group (its workers)?
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
+    if not group_exited(proc.pid, timeout=10):
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("the sweep's workers outlived it")
     done_before = set(store.run_ids(done=True))
