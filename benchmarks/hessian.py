@@ -796,6 +796,8 @@ def main() -> None:
         q1 = statistics.median(q1s)
         eq1 = max(get(lzr, 1, "err"), get(pyacc, 1, "err"))
         q5 = get(pyacc, 5, "t") / get(lzr, 5, "t")
+        d1 = get(lzr, 1, "t") / get(pyh, 1, "t")  # same network, PyHessian as it ships
+        d5 = get(pyh, 5, "t") / get(lzr, 5, "t")
         eq5 = max(get(lzr, 5, "err"), get(pyacc, 5, "err"))
         mr, mt = mem_ratio("rss", "double_backward"), mem_ratio("tensors", "double_backward")
         fr, ft = mem_ratio("rss", "double_backward_fresh"), mem_ratio("tensors", "double_backward_fresh")
@@ -830,6 +832,12 @@ def main() -> None:
             ],
             [
                 spec["name"],
+                f"  same network (eval), PyHessian's default (maxIter {ei['max_iter']}, err {get(pyh, 1, 'err'):.1e})",
+                f"{d1:.2f}x, err {get(lzr, 1, 'err'):.1e}",
+                ok(d1 <= 0.6 and get(lzr, 1, "err") <= 1e-3, d1),
+            ],
+            [
+                spec["name"],
                 "top-5 ≥ 5× faster than PyHessian",
                 f"{r5:.1f}x faster, err {get(lz, 5, 'err'):.1e}",
                 ok(r5 >= 5 and get(lz, 5, "err") <= 1e-3, r5),
@@ -839,6 +847,12 @@ def main() -> None:
                 "  same network (eval) and accuracy (both ≤ 1e-3)",
                 f"{q5:.1f}x faster, worse err {eq5:.1e}",
                 ok_equal(q5 >= 5 and eq5 <= 1e-3, q5, 5),
+            ],
+            [
+                spec["name"],
+                f"  same network (eval), PyHessian's default (maxIter {ei['max_iter']}, err {get(pyh, 5, 'err'):.1e})",
+                f"{d5:.1f}x faster, err {get(lzr, 5, 'err'):.1e}",
+                ok(d5 >= 5 and get(lzr, 5, "err") <= 1e-3, d5),
             ],
             [
                 spec["name"],
@@ -854,9 +868,9 @@ def main() -> None:
             ],
         ]
     print(
-        "\n## 4. Targets (PyHessian = its eval-mode default, maxIter 100, on the running-statistics network;"
-        " indented rows: whybn bn='running' against PyHessian run until it is within 1e-3 — equal network,"
-        " equal accuracy; see section 2)"
+        "\n## 4. Targets (whybn on the trained loss, PyHessian = its eval-mode default on the running-statistics"
+        " network; indented rows: whybn bn='running', the same network as PyHessian's, against PyHessian run"
+        " until it is within 1e-3 (equal accuracy) and as it ships; see section 2)"
     )
     print(table(["problem", "target", "measured", "ok"], summary))
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
