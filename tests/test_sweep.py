@@ -516,31 +516,37 @@ def test_disk_full_while_writing_records_stops_the_sweep_and_leaves_the_run_unfi
     assert store.run_ids(done=True) == [] and len(store.run_ids(done=False)) == 1  # stopped at the first
 
 
-def test_status_probes_do_not_make_a_sweep_skip_a_run(tmp_path):
-    """`whybn status` looks at a run's lock with a shared lock of a few microseconds; a sweep that tries
-    to take the run at that moment must not conclude that another sweep holds it."""
+def claims_beside(store: RunStore, poll, n: int) -> list[bool]:
+    """``n`` claims of run "r" (claimed once before, so its lock file exists), made while
+    ``poll(stop)`` runs in a thread until ``stop`` is set."""
     import threading
-
-    store = RunStore(tmp_path, "sweeptoy", "quick")
-    stop = threading.Event()
-
-    def poll() -> None:
-        while not stop.is_set():
-            store.holder("r")
 
     with store.claim("r") as mine:
         assert mine
-    thread = threading.Thread(target=poll)
+    stop = threading.Event()
+    thread = threading.Thread(target=poll, args=(stop,))
     thread.start()
     try:
         claims = []
-        for _ in range(200):
+        for _ in range(n):
             with store.claim("r") as mine:
                 claims.append(mine)
     finally:
         stop.set()
         thread.join()
-    assert all(claims)
+    return claims
+
+
+def test_status_probes_do_not_make_a_sweep_skip_a_run(tmp_path):
+    """`whybn status` looks at a run's lock with a shared lock of a few microseconds; a sweep that tries
+    to take the run at that moment must not conclude that another sweep holds it."""
+    store = RunStore(tmp_path, "sweeptoy", "quick")
+
+    def poll(stop) -> None:
+        while not stop.is_set():
+            store.holder("r")
+
+    assert all(claims_beside(store, poll, 200))
     with store.claim("r") as mine, store.claim("r") as other:
         assert mine and not other  # a real holder still excludes
 
@@ -551,16 +557,10 @@ def test_a_slow_status_probe_does_not_make_a_sweep_skip_a_run(tmp_path):
     now tells a shared holder from an exclusive one and waits for the probe; another sweep's exclusive
     lock is still refused at once."""
     import fcntl
-    import os
-    import threading
-    import time
 
     store = RunStore(tmp_path, "sweeptoy", "quick")
-    with store.claim("r") as mine:
-        assert mine
-    stop = threading.Event()
 
-    def slow_poll() -> None:
+    def slow_poll(stop) -> None:
         fd = os.open(store.lock_path("r"), os.O_RDONLY)
         try:
             while not stop.is_set():
@@ -571,17 +571,7 @@ def test_a_slow_status_probe_does_not_make_a_sweep_skip_a_run(tmp_path):
         finally:
             os.close(fd)
 
-    thread = threading.Thread(target=slow_poll)
-    thread.start()
-    try:
-        claims = []
-        for _ in range(10):
-            with store.claim("r") as mine:
-                claims.append(mine)
-    finally:
-        stop.set()
-        thread.join()
-    assert claims == [True] * 10
+    assert claims_beside(store, slow_poll, 10) == [True] * 10
     with store.claim("r") as mine:
         start = time.monotonic()
         with store.claim("r") as other:
