@@ -145,7 +145,11 @@ def default_start(k: int) -> str:
     trained). Top-k gains nothing reliable: within ±2 products at k = 5 and 10 on those MLPs,
     36 against 44 and 48 against 52 on the benchmark's running-statistics networks, but 240 and 180
     against 186 and 186 (seeds 0, 1) on ResNet-20's trained loss, whose λmin = −457 dwarfs λ1 = 19. No
-    eigenvalue was missed from either start."""
+    eigenvalue was missed from either start. The default does not depend on ``which``: for k = 1 and
+    ``which="SA"``, on float64 MLPs of three hidden layers of 30 (BN, LN, none; at init and after 200
+    SGD steps; MNIST-1D, batch 256; 30 seeds each), the gradient start took between 3.7 fewer and 1.9
+    more products on average than the random one (13.7 against 17.3, 38.1 against 36.3), and for
+    ``"LA"`` (here also ``"LM"``: λmax was the largest in magnitude) it saved 0–3 (medians)."""
     return "gradient" if as_int(k) == 1 else "random"
 
 
